@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "run from a FUSE mount served by actors"

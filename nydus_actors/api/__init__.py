@@ -1,0 +1,1 @@
+"""The nydusd HTTP API: falcon resources, error mapping and the waitress server."""

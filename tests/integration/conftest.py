@@ -1,0 +1,1 @@
+from tests.integration.harness import spawn  # noqa: F401 - the fixture
