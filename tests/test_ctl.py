@@ -1,18 +1,15 @@
 """Tests of `nydus-actors ctl` against a real waitress server giving canned nydusd replies."""
 
-import contextlib
 import http
 import json
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from waitress import wasyncore
-from waitress.server import create_server
 
 from nydus_actors import ctl
+from tests.wsgi_server import serve_unix
 
 DAEMON_INFO = {
     "version": {
@@ -149,32 +146,6 @@ class CannedApi:
         )
         start_response(f"{status} {http.HTTPStatus(status).phrase}", headers)
         return [payload]
-
-
-@contextlib.contextmanager
-def serve_unix(app: CannedApi, sock_path: Path) -> Iterator[None]:
-    """Serve `app` with waitress on `sock_path` until the block ends."""
-    sockmap: dict = {}
-    server = create_server(app, map=sockmap, unix_socket=str(sock_path), unix_socket_perms="600", threads=2)
-    stop = threading.Event()
-
-    def run() -> None:
-        # Driving the loop here and closing in the same thread avoids closing dispatchers from
-        # another thread while the loop polls them (waitress has no public stop). Two worker
-        # threads: with one, back-to-back keep-alive requests can log "Task queue depth is 1".
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.02, map=sockmap, count=1)
-        server.task_dispatcher.shutdown()
-        wasyncore.close_all(sockmap)
-
-    thread = threading.Thread(target=run, name="test-waitress")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 @pytest.fixture

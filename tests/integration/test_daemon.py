@@ -118,8 +118,12 @@ def test_shared_daemon_mode_mounts_through_api(spawn, tmp_path: Path) -> None:
         "fuse",
         "--thread-num",
         "4",
+        "--id",
+        "cq8snap",
         "--log-rotation-size",
         "100",
+        "--supervisor",
+        str(tmp_path / "supervisor.sock"),
         "--failover-policy",
         "resend",
         "--backend-source",
@@ -136,6 +140,10 @@ def test_shared_daemon_mode_mounts_through_api(spawn, tmp_path: Path) -> None:
     assert status == 204
     assert (daemon.mountpoint / "snap1" / "hello.txt").read_text() == "hello from tree 3\n"
     assert "--backend-source x is ignored" in daemon.log()
+    info = daemon.request("GET", "/api/v1/daemon")[2]
+    assert info["id"] == "cq8snap" and info["supervisor"] == str(tmp_path / "supervisor.sock")
+    status, _, body = daemon.request("PUT", "/api/v1/daemon/fuse/sendfd")
+    assert (status, body["message"]) == (501, "Upgrade(DaemonAbnormal(Unsupported))")
 
 
 def assert_clean_exit(daemon, *, code: int = 0) -> None:

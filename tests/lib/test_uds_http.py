@@ -1,6 +1,5 @@
 """Tests of the unix-socket HTTP client against a real waitress server in a temp dir."""
 
-import contextlib
 import http.client
 import json
 import socket
@@ -9,38 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from waitress import wasyncore
-from waitress.server import create_server
 
 from nydus_actors._lib.uds_http import UdsHttpClient
+from tests.wsgi_server import serve_unix
 
 WsgiApp = Callable[..., list[bytes]]
-
-
-@contextlib.contextmanager
-def serve_unix(app: WsgiApp, sock_path: Path) -> Iterator[None]:
-    """Serve `app` with waitress on `sock_path` until the block ends."""
-    sockmap: dict = {}
-    server = create_server(app, map=sockmap, unix_socket=str(sock_path), unix_socket_perms="600", threads=2)
-    stop = threading.Event()
-
-    def run() -> None:
-        # Driving the loop here and closing in the same thread avoids closing dispatchers from
-        # another thread while the loop polls them (waitress has no public stop). Two worker
-        # threads: with one, back-to-back keep-alive requests can log "Task queue depth is 1".
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.02, map=sockmap, count=1)
-        server.task_dispatcher.shutdown()
-        wasyncore.close_all(sockmap)
-
-    thread = threading.Thread(target=run, name="test-waitress")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 def echo_app(environ: dict, start_response: Callable) -> list[bytes]:
