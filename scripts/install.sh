@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev)
+if [ "${1:-}" = "--test" ]; then
+  # image tools the tests compare against: mkfs/fsck/dump.erofs, mksquashfs, squashfuse
+  packages+=(erofs-utils squashfs-tools squashfuse)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
