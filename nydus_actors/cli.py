@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from nydus_actors._lib import logs
+from nydus_actors.config import localfs_config_text
 from nydus_actors.daemon import DaemonOptions, run
 from nydus_actors.fs import kernel
 from nydus_actors.version import build_info
@@ -71,6 +72,14 @@ def _require_dir(path: str, what: str) -> None:
         raise UsageError(f"{what} {path}: not a directory")
 
 
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as ex:
+        raise UsageError(f"{what} {path}: {getattr(ex, 'strerror', None) or ex}") from None
+
+
 def _options(args: argparse.Namespace) -> DaemonOptions:
     """Check the flag combinations nydusd checks, and the paths, before anything starts."""
     if args.command != "fuse":
@@ -104,15 +113,25 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
         _require_dir(os.path.dirname(os.path.abspath(args.apisock)), "directory of the API socket")
     if args.shared_dir:
         _require_dir(args.shared_dir, "shared directory")
-    if args.bootstrap:
-        if not (args.config or args.localfs_dir):
-            raise UsageError("both --config and --localfs-dir are missing")
-        raise UsageError(
-            f"failed to mount bootstrap {args.bootstrap}: invalid argument "
-            "`only 'passthrough_fs' is supported, but rafs was specified`"
-        )
+    if args.bootstrap and not (args.config or args.localfs_dir):
+        raise UsageError("both --config and --localfs-dir are missing")
     if args.config and not os.path.isfile(args.config):
         raise UsageError(f"config file {args.config}: no such file")
+    config_text = ""
+    if args.bootstrap:
+        if not os.path.isfile(args.bootstrap):
+            raise UsageError(f"bootstrap {args.bootstrap}: no such file")
+        if args.localfs_dir:
+            _require_dir(args.localfs_dir, "localfs directory")
+            config_text = localfs_config_text(os.path.abspath(args.localfs_dir))
+        else:
+            config_text = _read_text(args.config, "config file")
+    prefetch: tuple[str, ...] = ()
+    if args.prefetch_files:
+        prefetch = tuple(
+            line.strip() for line in _read_text(args.prefetch_files, "prefetch list").splitlines()
+        )
+        prefetch = tuple(p for p in prefetch if p)
     log_file = logs.log_file_path(args.log_file) if args.log_file else None
     if log_file:
         _require_dir(os.path.dirname(os.path.abspath(log_file)), "directory of the log file")
@@ -125,6 +144,9 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
         failover_policy=args.failover_policy,
         fuse_threads=args.fuse_threads,
         shared_dir=os.path.abspath(args.shared_dir) if args.shared_dir else None,
+        bootstrap=os.path.abspath(args.bootstrap) if args.bootstrap else None,
+        config_text=config_text,
+        prefetch_files=prefetch,
         virtual_mountpoint=args.virtual_mountpoint,
         config=args.config,
         log_level=level,
@@ -146,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nydus_actors import ctl  # noqa: PLC0415 - the client needs none of the daemon
 
         return ctl.main(argv[1:])
+    if argv and argv[0] == "image":
+        from nydus_actors import image_cli  # noqa: PLC0415 - the builder needs none of the daemon
+
+        return image_cli.main(argv[1:])
     if "-V" in argv or "--version" in argv:
         sys.stdout.write(build_info().version_text(prog))
         return 0

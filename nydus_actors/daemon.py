@@ -49,6 +49,9 @@ class DaemonOptions:
     failover_policy: str = "resend"
     fuse_threads: int = 4
     shared_dir: str | None = None
+    bootstrap: str | None = None
+    config_text: str = ""
+    prefetch_files: tuple[str, ...] = ()
     virtual_mountpoint: str = "/"
     config: str | None = None
     log_level: int = logging.INFO
@@ -88,11 +91,26 @@ def _raise_nofile(limit: int) -> None:
         return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(hard, limit)))
+        return
+    except (OSError, ValueError) as ex:
+        # without CAP_SYS_RESOURCE only the soft limit can rise, up to the hard one
+        cause = ex
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+        logger.info("open-file limit raised to %d, not %d: %s", min(limit, hard), limit, cause)
     except (OSError, ValueError) as ex:
         logger.warning("failed to raise the open-file limit to %d: %s", limit, ex)
 
 
 def _initial_mount(options: DaemonOptions) -> MountCmd | None:
+    if options.bootstrap is not None:
+        return MountCmd(
+            fs_type=FsType.RAFS,
+            source=options.bootstrap,
+            config=options.config_text,
+            mountpoint=options.virtual_mountpoint,
+            prefetch_files=options.prefetch_files,
+        )
     if options.shared_dir is None:
         return None  # shared-daemon mode: filesystems come through the API
     return MountCmd(

@@ -41,6 +41,10 @@ class DummyFuseSession(pykka.ThreadingActor):
     def detach(self, mountpoint) -> None:
         self.vfs.detach(mountpoint)
 
+    def replace(self, mountpoint, fs) -> int:
+        self.vfs.detach(mountpoint)
+        return self.vfs.attach(mountpoint, fs)
+
     def inflight(self):
         return self.busy
 

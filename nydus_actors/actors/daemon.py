@@ -30,7 +30,9 @@ from nydus_actors.exceptions import (
     UpgradeManagerError,
 )
 from nydus_actors.fs.factory import open_filesystem
+from nydus_actors.fs.rafs import RafsFs
 from nydus_actors.lifecycle import Lifecycle, ShutdownReason
+from nydus_actors.metrics import FsIoStats
 from nydus_actors.models import DaemonState, FsType, InflightRequest, MountCmd
 from nydus_actors.state_machine import Action, DaemonStateMachine, Input
 from nydus_actors.version import build_info
@@ -61,15 +63,25 @@ class MountRecord:
 
     cmd: MountCmd
     mounted_ns: int
+    #: RAFS only: the normalized config without secrets, the superblock metadata
+    #: and the instance's I/O statistics (written by the FUSE thread, read here).
+    config: dict[str, Any] | None = None
+    super_meta: dict[str, Any] | None = None
+    stats: FsIoStats | None = None
 
     def descriptor(self) -> dict[str, Any]:
         return {
             "backend_type": self.cmd.fs_type.value,
             "mountpoint": self.cmd.mountpoint,
             "mounted_time": format_mounted_time(self.mounted_ns),
-            # nydusd normalizes RAFS configs here; passthrough has none.
-            "config": None,
+            "config": self.config,
         }
+
+
+def _record(cmd: MountCmd, fs: Any, mounted_ns: int) -> MountRecord:
+    if isinstance(fs, RafsFs):
+        return MountRecord(cmd, mounted_ns, fs.config.redacted(), fs.image.super_meta(), fs.stats)
+    return MountRecord(cmd, mounted_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +104,8 @@ class DaemonActor(pykka.ThreadingActor):
         self._mounts: dict[str, MountRecord] = {}
         self._events = ErrorHolder()
         self._config: dict[str, str] = {}
-        # Metrics instances by id; filled by RAFS mounts, backends and blob caches.
-        self._metrics: dict[str, dict[str, Any]] = {
-            "global": {},
-            "files": {},
-            "pattern": {},
-            "backend": {},
-            "blobcache": {},
-        }
+        # Backend and blob-cache metrics instances by id; filled when those layers exist.
+        self._metrics: dict[str, dict[str, Any]] = {"backend": {}, "blobcache": {}}
         self._api_ready = False
         self._ready_notified = False
 
@@ -253,8 +259,9 @@ class DaemonActor(pykka.ThreadingActor):
         if any(not path.startswith("/") for path in cmd.prefetch_files):
             raise OtherError("invalid prefetch file list")
         fs = open_filesystem(cmd)
+        record = _record(cmd, fs, time.time_ns())
         self._fuse.attach(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
-        self._mounts[cmd.mountpoint] = MountRecord(cmd, time.time_ns())
+        self._mounts[cmd.mountpoint] = record
         logger.info("mounted %s %s at %s", cmd.fs_type.value, cmd.source, cmd.mountpoint)
 
     def remount(self, cmd: MountCmd) -> None:
@@ -264,7 +271,15 @@ class DaemonActor(pykka.ThreadingActor):
             raise NotFound
         if record.cmd.fs_type is not FsType.RAFS or cmd.fs_type is not FsType.RAFS:
             raise OtherError("filesystem type mismatch, expect RAFS")
-        raise Unsupported  # a RAFS instance cannot be mounted yet, so this is unreachable today
+        if any(not path.startswith("/") for path in cmd.prefetch_files):
+            raise OtherError("invalid prefetch file list")
+        fs = open_filesystem(cmd)
+        if record.stats is not None:
+            fs.stats = record.stats  # the instance's counters survive the swap, as in nydusd
+        new_record = _record(cmd, fs, record.mounted_ns)
+        self._fuse.replace(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
+        self._mounts[cmd.mountpoint] = new_record
+        logger.info("remounted %s with bootstrap %s", cmd.mountpoint, cmd.source)
 
     def umount(self, mountpoint: str) -> None:
         """`DELETE /api/v1/mount`: detach a filesystem instance."""
@@ -279,14 +294,18 @@ class DaemonActor(pykka.ThreadingActor):
         record = self._mounts.get(mountpoint)
         if record is None:
             raise NotFound
-        raise OtherError("filesystem type mismatch, expect RAFS")
+        if record.super_meta is None:
+            raise OtherError("filesystem type mismatch, expect RAFS")
+        return record.super_meta
 
     # -- metrics ---------------------------------------------------------------
 
     def metrics(self, kind: str, metrics_id: str | None, *, latest: bool = False) -> Any:
         """Export one metrics instance: by exact id, or the only one (reference §3.4)."""
-        del latest  # per-file "latest" lists come with RAFS instances
-        table = self._metrics[kind]
+        if kind in ("global", "files", "pattern"):
+            table: dict[str, Any] = {mp: r.stats for mp, r in self._mounts.items() if r.stats is not None}
+        else:
+            table = self._metrics[kind]
         if metrics_id is not None:
             instance = table.get(metrics_id)
         elif len(table) == 1:
@@ -295,6 +314,12 @@ class DaemonActor(pykka.ThreadingActor):
             instance = None
         if instance is None:
             raise NoCounter
+        if kind == "global":
+            return instance.export()
+        if kind == "files":
+            return instance.export_files(latest=latest)
+        if kind == "pattern":
+            return instance.export_pattern()
         return instance
 
     def inflight(self) -> tuple[InflightRequest, ...]:

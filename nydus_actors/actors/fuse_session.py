@@ -18,11 +18,11 @@ import pykka
 import trio
 from pykka.typing import ActorMemberMixin, proxy_method
 
-from nydus_actors.exceptions import OtherError
+from nydus_actors.exceptions import NotFound, OtherError
 from nydus_actors.fs import kernel
 from nydus_actors.fs.inflight import InflightTracker
 from nydus_actors.fs.operations import VfsOperations, read_delay_from_env
-from nydus_actors.fs.vfs import Vfs
+from nydus_actors.fs.vfs import ROOT_SLOT, SUB_SLOTS, Vfs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -354,6 +354,31 @@ class FuseSessionActor(pykka.ThreadingActor):
         if self._loop is not None and self._loop.is_alive():
             self._loop.invalidate(invalidations)
 
+    def replace(self, mountpoint: str, fs: Filesystem) -> int:
+        """Swap the filesystem at `mountpoint` for `fs` in one step of the loop; return its slot.
+
+        A sub-mount moves to another slot, so node ids the kernel cached for the old
+        filesystem can never reach the new one; the kernel forgets the old entries.
+        """
+
+        def swap() -> tuple[int, tuple[Invalidation, ...]]:
+            old_slot = self._vfs.slots().get(mountpoint)
+            if old_slot is None:
+                raise NotFound
+            free = [s for s in SUB_SLOTS if s != old_slot and s not in self._vfs.slots().values()]
+            invalidations = self._vfs.detach(mountpoint)
+            slot = self._vfs.attach(mountpoint, fs, slot=None if old_slot == ROOT_SLOT else free[0])
+            return slot, invalidations
+
+        try:
+            slot, invalidations = self._in_loop(swap)
+        except BaseException:
+            fs.close()
+            raise
+        if self._loop is not None and self._loop.is_alive():
+            self._loop.invalidate(invalidations)
+        return slot
+
     def slots(self) -> tuple[tuple[str, int], ...]:
         """Return (mountpoint, slot) of every attached filesystem."""
         return tuple(sorted(self._in_loop(self._vfs.slots).items()))
@@ -386,6 +411,7 @@ class FuseSessionProxy(ActorMemberMixin, pykka.ActorProxy[FuseSessionActor]):
     unmount = proxy_method(FuseSessionActor.unmount)
     attach = proxy_method(FuseSessionActor.attach)
     detach = proxy_method(FuseSessionActor.detach)
+    replace = proxy_method(FuseSessionActor.replace)
     slots = proxy_method(FuseSessionActor.slots)
     inflight = proxy_method(FuseSessionActor.inflight)
     initialized = proxy_method(FuseSessionActor.initialized)

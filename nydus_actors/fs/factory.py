@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from nydus_actors.exceptions import InvalidArgument, OtherError
+from nydus_actors.config import parse_config
+from nydus_actors.exceptions import OtherError
 from nydus_actors.fs.passthrough import PassthroughFs
+from nydus_actors.fs.rafs import RafsFs
+from nydus_actors.metrics import FsIoStats
 from nydus_actors.models import FsType
+from nydus_actors.rafs import RafsImage
 
 if TYPE_CHECKING:
     from nydus_actors.fs.base import Filesystem
@@ -20,8 +24,9 @@ def open_filesystem(cmd: MountCmd) -> Filesystem:
     """Open the filesystem `cmd` asks for, ready to attach to the VFS.
 
     Raises:
-        OtherError: the passthrough source is not an existing directory.
-        InvalidArgument: the filesystem type cannot be served (RAFS, for now).
+        OtherError: the passthrough source is not an existing directory, or the
+            RAFS config or bootstrap cannot be used.
+        Unsupported: the config names a backend this daemon cannot read yet.
     """
     if cmd.fs_type is FsType.PASSTHROUGH:
         try:
@@ -31,4 +36,19 @@ def open_filesystem(cmd: MountCmd) -> Filesystem:
             raise OtherError(f"failed to open shared directory {cmd.source}: {cause}") from ex
         logger.info("opened shared directory %s", fs.source)
         return fs
-    raise InvalidArgument(f"only 'passthrough_fs' is supported, but {cmd.fs_type.name.lower()} was specified")
+    config = parse_config(cmd.config)
+    rafs = config.rafs
+    stats = FsIoStats(
+        cmd.mountpoint,
+        files=rafs["iostats_files"],
+        access_pattern=rafs["access_pattern"],
+        latest_files=rafs["latest_read_files"],
+    )
+    image = RafsImage.open(cmd.source)
+    try:
+        fs = RafsFs(image, config, stats)
+    except BaseException:
+        image.close()
+        raise
+    logger.info("opened RAFS bootstrap %s (%d blobs)", cmd.source, len(image.blobs))
+    return fs

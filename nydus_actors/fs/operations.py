@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: How long the kernel may cache names and attributes, in seconds.
-ENTRY_TIMEOUT = 5.0
-ATTR_TIMEOUT = 5.0
-
 
 @contextlib.contextmanager
 def _translate_error(request: str) -> Iterator[None]:
@@ -56,8 +52,8 @@ def entry_attributes(attr: InodeAttr) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = attr.ino
     entry.generation = 0
-    entry.entry_timeout = ENTRY_TIMEOUT
-    entry.attr_timeout = ATTR_TIMEOUT
+    entry.entry_timeout = attr.timeout
+    entry.attr_timeout = attr.timeout
     entry.st_mode = attr.mode
     entry.st_nlink = attr.nlink
     entry.st_uid = attr.uid

@@ -275,7 +275,11 @@ def test_mount_query_is_checked_before_method(stack: Stack) -> None:
     [
         ("xfs", "invalid argument `only 'rafs' and 'passthrough_fs' are supported, but xfs was specified`"),
         ("", "invalid argument `only 'rafs' and 'passthrough_fs' are supported, but  was specified`"),
-        ("rafs", "invalid argument `only 'passthrough_fs' is supported, but rafs was specified`"),
+        (
+            "rafs",
+            "RAFS failed to handle request, Failed to load config: "
+            "failed to parse configuration information`",
+        ),
     ],
 )
 def test_mount_unusable_fs_type(stack: Stack, tmp_path, fs_type: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""open_filesystem: passthrough opens a directory, RAFS is refused with nydusd's error."""
+"""open_filesystem: passthrough opens a directory; RAFS needs a usable config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nydus_actors.exceptions import InvalidArgument, OtherError
+from nydus_actors.config import ConfigError
+from nydus_actors.exceptions import OtherError
 from nydus_actors.fs.factory import open_filesystem
 from nydus_actors.fs.passthrough import PassthroughFs
 from nydus_actors.models import FsType, MountCmd
@@ -37,9 +38,10 @@ def test_passthrough_source_must_be_a_directory(tmp_path: Path, name: str, cause
     assert str(info.value) == f"failed to open shared directory {source}: {cause}"
 
 
-def test_rafs_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument) as info:
+def test_rafs_with_an_unusable_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
         open_filesystem(cmd(FsType.RAFS, str(tmp_path / "image.boot")))
 
-    assert str(info.value) == "invalid argument `only 'passthrough_fs' is supported, but rafs was specified`"
-    assert info.value.errno != 0
+    assert str(info.value) == (
+        "RAFS failed to handle request, Failed to load config: failed to parse configuration information`"
+    )

@@ -1,0 +1,1 @@
+"""Tests of the RAFS v6 / EROFS image reader."""
