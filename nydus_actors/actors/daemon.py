@@ -80,7 +80,8 @@ class MountRecord:
 
 def _record(cmd: MountCmd, fs: Any, mounted_ns: int) -> MountRecord:
     if isinstance(fs, RafsFs):
-        return MountRecord(cmd, mounted_ns, fs.config.redacted(), fs.image.super_meta(), fs.stats)
+        meta = fs.image.super_meta(attr_timeout=fs.attr_timeout, entry_timeout=fs.entry_timeout)
+        return MountRecord(cmd, mounted_ns, fs.config.redacted(), meta, fs.stats)
     return MountRecord(cmd, mounted_ns)
 
 

@@ -35,9 +35,10 @@ class InodeAttr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-    #: How long the kernel may cache this entry and its attributes, in seconds;
-    #: images are immutable, so their filesystems hand out long timeouts.
+    #: How long the kernel may cache the attributes and the name of this inode, in
+    #: seconds; images are immutable, so their filesystems hand out long timeouts.
     timeout: float = 5.0
+    entry_timeout: float = 5.0
 
     @classmethod
     def from_stat(cls, st: os.stat_result, ino: int) -> InodeAttr:

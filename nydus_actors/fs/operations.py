@@ -52,7 +52,7 @@ def entry_attributes(attr: InodeAttr) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = attr.ino
     entry.generation = 0
-    entry.entry_timeout = attr.timeout
+    entry.entry_timeout = attr.entry_timeout
     entry.attr_timeout = attr.timeout
     entry.st_mode = attr.mode
     entry.st_nlink = attr.nlink

@@ -80,7 +80,8 @@ class RafsFs(Filesystem):
         self.config = config
         self.stats = stats
         rafs = config.rafs
-        self._timeout = float(rafs["attr_timeout"])
+        self.attr_timeout = float(rafs["attr_timeout"])
+        self.entry_timeout = float(rafs["entry_timeout"])
         paths = blob_paths(image, config)
         validate = bool(rafs["validate"] or (config.cache or {}).get("validate", False))
         self._source: LocalBlobSource | None = None
@@ -111,7 +112,8 @@ class RafsFs(Filesystem):
             atime_ns=mtime_ns,
             mtime_ns=mtime_ns,
             ctime_ns=mtime_ns,
-            timeout=self._timeout,
+            timeout=self.attr_timeout,
+            entry_timeout=self.entry_timeout,
         )
 
     def _dir(self, ino: int) -> Inode:

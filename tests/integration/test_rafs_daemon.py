@@ -95,6 +95,7 @@ def test_fixture_through_the_api(spawn) -> None:
     meta = daemon.request("GET", "/api/v1/daemon/backend?mountpoint=/img")[2]
     assert meta["root_nid"] == 128 and meta["chunk_size"] == 1024 * 1024
     assert meta["version"] == 0x600 and "flags" in meta and "bits" in meta["flags"]
+    assert meta["attr_timeout"] == meta["entry_timeout"] == {"secs": 3600, "nanos": 0}
 
     # swap the instance to the same bootstrap with a v2 TOML config
     status, _, body = mount(daemon, "/img", V2_TOML, method="PUT")
