@@ -10,6 +10,8 @@ import stat
 import struct
 from collections.abc import Sequence
 
+from nydus_actors.rafs.inode import FILE_TYPES  # one table for the reader and the writer
+
 BLOCK_SIZE = 4096
 BLKSZBITS = 12
 EROFS_MAGIC = 0xE0F5E1E2
@@ -39,15 +41,6 @@ COMPACT_SIZE = 32
 EXTENDED_SIZE = 64
 DIRENT_SIZE = 12
 
-_FILE_TYPES = {
-    stat.S_IFREG: 1,
-    stat.S_IFDIR: 2,
-    stat.S_IFCHR: 3,
-    stat.S_IFBLK: 4,
-    stat.S_IFIFO: 5,
-    stat.S_IFSOCK: 6,
-    stat.S_IFLNK: 7,
-}
 
 # (index, prefix); whole-name entries first so that they win over no prefix at all
 _XATTR_WHOLE = {b"system.posix_acl_access": 2, b"system.posix_acl_default": 3}
@@ -56,7 +49,7 @@ _XATTR_PREFIXES = ((b"user.", 1), (b"trusted.", 4), (b"security.", 6))
 
 def file_type(mode: int) -> int:
     """EROFS dirent file_type of an inode mode."""
-    return _FILE_TYPES.get(stat.S_IFMT(mode), 0)
+    return FILE_TYPES.get(stat.S_IFMT(mode), 0)
 
 
 def encode_rdev(rdev: int) -> int:

@@ -7,7 +7,6 @@ builder and checker do not share mistakes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import random
@@ -16,7 +15,6 @@ import stat
 import struct
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,9 @@ import blake3
 import lz4.block
 import pytest
 import zstandard
+
+from tests.rafs import trees
+from tests.rafs.trees import why_no_kernel_mount
 
 BS = 4096
 MIB = 1 << 20
@@ -467,50 +468,16 @@ def uncompressed_device(image: Image, blob: str | Path, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- kernel and erofs-utils
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY = 1
-MNT_DETACH = 2
-
-
-def _probe_file_backed_mount() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting EROFS needs root"
-    with open("/proc/filesystems") as f:
-        if "erofs" not in f.read():
-            return "the kernel has no EROFS"
-    if shutil.which("mkfs.erofs") is None:
-        return "mkfs.erofs (erofs-utils) is not installed"
-    with tempfile.TemporaryDirectory() as tmp:
-        src, img, mnt = Path(tmp, "src"), Path(tmp, "img"), Path(tmp, "mnt")
-        src.mkdir()
-        mnt.mkdir()
-        subprocess.run(["mkfs.erofs", "--quiet", str(img), str(src)], check=True, capture_output=True)
-        if _libc.mount(bytes(img), bytes(mnt), b"erofs", MS_RDONLY, None) != 0:
-            return f"file-backed EROFS mount(2) fails: {os.strerror(ctypes.get_errno())}"
-        _umount(mnt)
-    return None
-
-
-def _umount(target: Path) -> None:
-    if _libc.umount2(bytes(target), 0) != 0:
-        _libc.umount2(bytes(target), MNT_DETACH)
-
-
-MOUNT_SKIP = _probe_file_backed_mount()
+#: Why kernel-mount tests cannot run here, or None (shared with the reader's tests).
+MOUNT_SKIP = why_no_kernel_mount()
 
 
 @contextlib.contextmanager
 def kernel_mount(bootstrap: str | Path, blob: str | Path, target: Path) -> Iterator[Path]:
     """Raw mount(2) of the bootstrap file with the blob as its extra device; always unmounted."""
     target.mkdir(parents=True, exist_ok=True)
-    data = b"device=" + os.fsencode(os.path.abspath(blob))
-    if _libc.mount(os.fsencode(bootstrap), bytes(target), b"erofs", MS_RDONLY, data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(bootstrap))
-    try:
-        yield target
-    finally:
-        _umount(target)
+    with trees.kernel_mount(bootstrap, target, [blob]) as mounted:
+        yield mounted
 
 
 def fsck_errors(bootstrap: str | Path, blob: str | Path) -> str:
