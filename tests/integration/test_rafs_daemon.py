@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import needs_fuse
+from tests.paths import NYDUS_FIXTURES
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nydus"
+FIXTURES = NYDUS_FIXTURES
 BOOTSTRAP = FIXTURES / "bootstrap" / "rafs-v6-2.2.boot"
 BLOBS = FIXTURES / "blobs"
 V5_BOOTSTRAP = FIXTURES / "repeatable" / "sha256-nocompress-repeatable"

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from nydus_actors.rafs import LocalBlobSource, LocalDeviceReader, RafsError, RafsImage, read_file
 from nydus_actors.rafs.crc32c import crc32c
+from tests.paths import NYDUS_FIXTURES
 from tests.rafs.trees import mkfs_available, mkfs_erofs, uncompressed_blob
 
-FIXTURES = Path("/work/shared/fixtures/nydus")
+FIXTURES = NYDUS_FIXTURES
 #: Bounds of one walk, so a mutated image cannot make the test itself slow.
 MAX_NODES = 400
 READ_LIMIT = 256 << 10

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nydus_actors.rafs import LocalBlobSource, LocalDeviceReader, RafsImage, read_file
+from tests.paths import NYDUS_FIXTURES
 from tests.rafs.trees import build_tree, kernel_mount, mkfs_erofs, uncompressed_blob, why_no_kernel_mount
 from tests.rafs.walk import Node, kernel_snapshot, reader_snapshot
 
@@ -15,7 +16,7 @@ pytestmark = [
     pytest.mark.skipif(why_no_kernel_mount() is not None, reason=why_no_kernel_mount() or ""),
 ]
 
-FIXTURES = Path("/work/shared/fixtures/nydus")
+FIXTURES = NYDUS_FIXTURES
 
 #: mkfs.erofs argument sets; "BLOB" becomes the blob device path.
 VARIANTS = {

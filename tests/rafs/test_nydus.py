@@ -11,8 +11,9 @@ import zstandard
 
 from nydus_actors.exceptions import OtherError
 from nydus_actors.rafs import ChunkExtent, LocalBlobSource, RafsError, RafsImage, read_file
+from tests.paths import NYDUS_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/nydus")
+FIXTURES = NYDUS_FIXTURES
 BOOTSTRAP = FIXTURES / "bootstrap" / "rafs-v6-2.2.boot"
 BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 V5_BOOTSTRAPS = sorted(

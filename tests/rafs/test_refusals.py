@@ -10,9 +10,10 @@ import pytest
 
 from nydus_actors.rafs import RafsError, RafsImage
 from nydus_actors.rafs.crc32c import crc32c
+from tests.paths import NYDUS_FIXTURES
 from tests.rafs.trees import mkfs_available, mkfs_erofs
 
-FIXTURES = Path("/work/shared/fixtures/nydus")
+FIXTURES = NYDUS_FIXTURES
 BOOTSTRAP = FIXTURES / "bootstrap" / "rafs-v6-2.2.boot"
 
 needs_mkfs = pytest.mark.skipif(not mkfs_available(), reason="mkfs.erofs is not installed")

@@ -11,9 +11,10 @@ import pytest
 
 from nydus_actors.rafs import LocalBlobSource, LocalDeviceReader, RafsError, RafsImage, read_file
 from nydus_actors.rafs.crc32c import crc32c
+from tests.paths import NYDUS_FIXTURES
 from tests.rafs.trees import mkfs_available, mkfs_erofs
 
-FIXTURES = Path("/work/shared/fixtures/nydus")
+FIXTURES = NYDUS_FIXTURES
 BOOTSTRAP = FIXTURES / "bootstrap" / "rafs-v6-2.2.boot"
 LIB_RS = 133  # nid of lib.rs in the sample; its 64-byte extended inode holds one chunk index
 ROOT = 128
