@@ -9,6 +9,8 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev)
 if [ "${1:-}" = "--test" ]; then
   # image tools the tests compare against: mkfs/fsck/dump.erofs, mksquashfs, squashfuse
   packages+=(erofs-utils squashfs-tools squashfuse)
+  # storage servers the backend tests run on 127.0.0.1: OCI registry, htpasswd, nginx
+  packages+=(docker-registry apache2-utils nginx-light openssl)
 fi
 missing=()
 for p in "${packages[@]}"; do
