@@ -1,13 +1,14 @@
 """Per-instance filesystem I/O statistics with nydusd's field names (reference §3.4 to §3.6).
 
-One `FsIoStats` belongs to one RAFS instance. Its counters are written only by
-the FUSE loop thread, through the instance's filesystem; the daemon actor reads
-exports from another thread, which at worst sees a request half counted.
+One `FsIoStats` belongs to one RAFS instance. Its counters are written by the
+FUSE loop thread and by the worker threads that wait for backend fetches, under
+a lock; the daemon actor reads exports, which at worst see a request half counted.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -94,10 +95,15 @@ class FsIoStats:
         self._files: dict[int, _FileStats] = {}
         self._access: dict[int, _Access] = {}
         self._latest: set[int] = set()
+        self._lock = threading.Lock()
 
     def record(self, fop: StatsFop, ino: int, started: float, *, ok: bool, size: int = 0) -> None:
         """Count one finished operation (`started` from `time.perf_counter()`)."""
         micros = int((time.perf_counter() - started) * 1_000_000)
+        with self._lock:
+            self._record(fop, ino, micros, ok=ok, size=size)
+
+    def _record(self, fop: StatsFop, ino: int, micros: int, *, ok: bool, size: int) -> None:
         self.fop_latency_us[fop] += micros
         if not ok:
             self.fop_errors[fop] += 1

@@ -155,6 +155,15 @@ class Filesystem(abc.ABC):
         daemon issued.
         """
 
+    def read_nowait(self, ino: int, off: int, size: int) -> bytes | None:
+        """Read like `read` if that cannot block on the network, else return None.
+
+        The FUSE loop calls this first and runs `read` in a worker thread only when
+        it returns None (a cache miss), so cached reads cost no thread switch and a
+        slow fetch never stalls the loop. Local filesystems never block for long.
+        """
+        return self.read(ino, off, size)
+
     @abc.abstractmethod
     def release(self, ino: int) -> None:
         """Close one open of `ino`; unknown inodes are ignored."""

@@ -111,12 +111,15 @@ class VfsOperations(pyfuse3.Operations):
         *,
         on_init: Callable[[], None] | None = None,
         read_delay: float = 0.0,
+        fetch_threads: int = 8,
     ) -> None:
         super().__init__()
         self._vfs = vfs
         self._inflight = inflight
         self._on_init = on_init
         self._read_delay = read_delay
+        # Reads that must wait for a backend run in at most this many worker threads.
+        self._blocking_reads = trio.CapacityLimiter(fetch_threads)
 
     def init(self) -> None:
         # pyfuse3 calls this from a C callback that cannot propagate exceptions.
@@ -187,7 +190,13 @@ class VfsOperations(pyfuse3.Operations):
         with self._inflight.track(fh, FuseOpcode.READ), _translate_error("read"):
             if self._read_delay > 0:
                 await trio.sleep(self._read_delay)
-            return self._vfs.read(fh, off, size)
+            fs, inner = self._vfs.file_of(fh)
+            data = fs.read_nowait(inner, off, size)
+            if data is None:
+                # a miss that must fetch from a backend: off the loop thread, so other
+                # requests (cached reads included) go on meanwhile
+                data = await trio.to_thread.run_sync(fs.read, inner, off, size, limiter=self._blocking_reads)
+            return data
 
     async def release(self, fh: int) -> None:
         with self._inflight.track(fh, FuseOpcode.RELEASE), _translate_error("release"):

@@ -446,6 +446,15 @@ class Vfs:
         mount, inner = self._fs_node(node, errno.EISDIR)
         return mount.fs.read(inner, off, size)
 
+    def file_of(self, node: int) -> tuple[Filesystem, int]:
+        """Return the filesystem and its inode number behind file `node`.
+
+        The FUSE layer uses it to run a read that may block outside the loop
+        thread while only the loop thread touches the VFS itself.
+        """
+        mount, inner = self._fs_node(node, errno.EISDIR)
+        return mount.fs, inner
+
     def release(self, node: int) -> None:
         """Close one open of `node`; unknown nodes are ignored."""
         if self._is_pseudo(node):
