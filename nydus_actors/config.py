@@ -61,6 +61,7 @@ def _backend_section(kind: str, raw: dict) -> dict[str, Any]:
     """Normalize one backend's settings; keep the fields nydusd knows, with defaults."""
     common = {
         "skip_verify": bool(raw.get("skip_verify", False)),
+        "ca_cert_files": [str(path) for path in raw.get("ca_cert_files", [])],
         "timeout": int(raw.get("timeout", 5)),
         "connect_timeout": int(raw.get("connect_timeout", 5)),
         "retry_limit": int(raw.get("retry_limit", 0)),

@@ -22,6 +22,7 @@ import pykka
 
 from nydus_actors._lib import logs, sdnotify
 from nydus_actors.actors.api_server import ApiServerActor
+from nydus_actors.actors.blob_cache import BlobCacheManagerActor
 from nydus_actors.actors.daemon import DaemonActor, DaemonProxy, DaemonSettings
 from nydus_actors.actors.fuse_session import FuseSessionActor
 from nydus_actors.exceptions import NydusError
@@ -174,6 +175,7 @@ def run(options: DaemonOptions) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     daemon: DaemonProxy | None = None
     fuse = None
+    cache = None
     api = None
     reason: ShutdownReason | None = None
     code = 0
@@ -184,8 +186,11 @@ def run(options: DaemonOptions) -> int:
             threads=options.fuse_threads,
             on_session_ended=lambda: daemon_box[0].fuse_session_ended() if daemon_box else None,
         ).proxy()
+        cache = BlobCacheManagerActor.start(
+            on_event=lambda line: daemon_box[0].record_event(line) if daemon_box else None
+        ).proxy()
         settings = DaemonSettings(id=options.id, supervisor=options.supervisor)
-        daemon = DaemonActor.start(settings, fuse, lifecycle).proxy()
+        daemon = DaemonActor.start(settings, fuse, lifecycle, cache).proxy()
         daemon_box.append(daemon)
         if options.upgrade or crashed:
             logger.info("waiting in INIT for a takeover")
@@ -223,6 +228,8 @@ def run(options: DaemonOptions) -> int:
             daemon.actor_ref.stop(timeout=STOP_TIMEOUT)
         if fuse is not None:
             fuse.actor_ref.stop(timeout=STOP_TIMEOUT)
+        if cache is not None:
+            cache.actor_ref.stop(timeout=STOP_TIMEOUT)
         _stop_all_actors()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -96,17 +96,16 @@ class DaemonSettings:
 class DaemonActor(pykka.ThreadingActor):
     """Owns the daemon state machine and everything the API reads or changes."""
 
-    def __init__(self, settings: DaemonSettings, fuse: Any, lifecycle: Lifecycle) -> None:
+    def __init__(self, settings: DaemonSettings, fuse: Any, lifecycle: Lifecycle, cache: Any = None) -> None:
         super().__init__()
         self._settings = settings
         self._fuse = fuse
+        self._cache = cache  # the BlobCacheManager proxy; None serves RAFS only from plain EROFS
         self._lifecycle = lifecycle
         self._fsm = DaemonStateMachine()
         self._mounts: dict[str, MountRecord] = {}
         self._events = ErrorHolder()
         self._config: dict[str, str] = {}
-        # Backend and blob-cache metrics instances by id; filled when those layers exist.
-        self._metrics: dict[str, dict[str, Any]] = {"backend": {}, "blobcache": {}}
         self._api_ready = False
         self._ready_notified = False
 
@@ -249,6 +248,9 @@ class DaemonActor(pykka.ThreadingActor):
             raise ResponsePayloadType
         for key, value in items.items():
             self._config[f"{config_id}:{key}"] = value
+        if "registry_auth" in items and self._cache is not None:
+            # hot reload: the registry backends of that mount use the new credentials from now on
+            self._cache.set_registry_auth(config_id, items["registry_auth"]).get(timeout=FUSE_TIMEOUT)
         logger.info("config of %r updated: %s", config_id, ", ".join(sorted(items)))
 
     # -- filesystem instances -----------------------------------------------
@@ -259,9 +261,13 @@ class DaemonActor(pykka.ThreadingActor):
             raise AlreadyExists
         if any(not path.startswith("/") for path in cmd.prefetch_files):
             raise OtherError("invalid prefetch file list")
-        fs = open_filesystem(cmd)
+        fs = open_filesystem(cmd, self._open_source)
         record = _record(cmd, fs, time.time_ns())
-        self._fuse.attach(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
+        try:
+            self._fuse.attach(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
+        except Exception:
+            self._close_source(cmd.mountpoint)
+            raise
         self._mounts[cmd.mountpoint] = record
         logger.info("mounted %s %s at %s", cmd.fs_type.value, cmd.source, cmd.mountpoint)
 
@@ -274,11 +280,13 @@ class DaemonActor(pykka.ThreadingActor):
             raise OtherError("filesystem type mismatch, expect RAFS")
         if any(not path.startswith("/") for path in cmd.prefetch_files):
             raise OtherError("invalid prefetch file list")
-        fs = open_filesystem(cmd)
+        fs = open_filesystem(cmd, self._open_source)
         if record.stats is not None:
             fs.stats = record.stats  # the instance's counters survive the swap, as in nydusd
         new_record = _record(cmd, fs, record.mounted_ns)
         self._fuse.replace(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
+        if self._cache is not None:
+            self._cache.retire(cmd.mountpoint).get(timeout=FUSE_TIMEOUT)
         self._mounts[cmd.mountpoint] = new_record
         logger.info("remounted %s with bootstrap %s", cmd.mountpoint, cmd.source)
 
@@ -287,8 +295,18 @@ class DaemonActor(pykka.ThreadingActor):
         if mountpoint not in self._mounts:
             raise NotFound
         self._fuse.detach(mountpoint).get(timeout=FUSE_TIMEOUT)
+        self._close_source(mountpoint)
         record = self._mounts.pop(mountpoint)
         logger.info("umounted %s from %s", record.cmd.source, mountpoint)
+
+    def _open_source(self, mount_id: str, image: Any, config: Any) -> Any:
+        if self._cache is None:
+            raise Unsupported
+        return self._cache.open_source(mount_id, image, config).get(timeout=FUSE_TIMEOUT)
+
+    def _close_source(self, mount_id: str) -> None:
+        if self._cache is not None:
+            self._cache.close_source(mount_id).get(timeout=FUSE_TIMEOUT)
 
     def backend_info(self, mountpoint: str) -> dict[str, Any]:
         """`GET /api/v1/daemon/backend`: the RAFS superblock of one instance."""
@@ -303,10 +321,12 @@ class DaemonActor(pykka.ThreadingActor):
 
     def metrics(self, kind: str, metrics_id: str | None, *, latest: bool = False) -> Any:
         """Export one metrics instance: by exact id, or the only one (reference §3.4)."""
-        if kind in ("global", "files", "pattern"):
-            table: dict[str, Any] = {mp: r.stats for mp, r in self._mounts.items() if r.stats is not None}
-        else:
-            table = self._metrics[kind]
+        if kind in ("backend", "blobcache"):
+            if self._cache is None:
+                raise NoCounter
+            export = self._cache.backend_metrics if kind == "backend" else self._cache.blobcache_metrics
+            return export(metrics_id).get(timeout=FUSE_TIMEOUT)
+        table: dict[str, Any] = {mp: r.stats for mp, r in self._mounts.items() if r.stats is not None}
         if metrics_id is not None:
             instance = table.get(metrics_id)
         elif len(table) == 1:
@@ -319,9 +339,7 @@ class DaemonActor(pykka.ThreadingActor):
             return instance.export()
         if kind == "files":
             return instance.export_files(latest=latest)
-        if kind == "pattern":
-            return instance.export_pattern()
-        return instance
+        return instance.export_pattern()
 
     def inflight(self) -> tuple[InflightRequest, ...]:
         """FUSE requests being handled right now."""

@@ -98,6 +98,7 @@ class _FuseLoop:
         self._initialized = False
         self._stop_requested = False
         self._session_open = False
+        self._ops: VfsOperations | None = None
 
     def is_alive(self) -> bool:
         """Tell whether the loop is still serving requests."""
@@ -184,6 +185,7 @@ class _FuseLoop:
         # adoption fails libfuse then reads EOF and its loop ends instead of hanging.
         self._libfuse_fd = theirs.detach()
         ops = VfsOperations(self._vfs, self._inflight, on_init=self._adopt, read_delay=read_delay_from_env())
+        self._ops = ops
         try:
             pyfuse3.init(ops, f"/dev/fd/{self._libfuse_fd}", set())
         except RuntimeError as ex:
@@ -223,6 +225,9 @@ class _FuseLoop:
                     logger.error("failed to report the end of the FUSE session: %r", ex)
 
     def _close_session(self) -> None:
+        if self._ops is not None:
+            self._ops.close()
+            self._ops = None
         if not self._session_open:
             return
         self._session_open = False

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from nydus_actors.config import parse_config
-from nydus_actors.exceptions import OtherError
+from nydus_actors.config import FsConfig, parse_config
+from nydus_actors.exceptions import OtherError, Unsupported
 from nydus_actors.fs.passthrough import PassthroughFs
 from nydus_actors.fs.rafs import RafsFs
 from nydus_actors.metrics import FsIoStats
 from nydus_actors.models import FsType
-from nydus_actors.rafs import RafsImage
+from nydus_actors.rafs import ChunkSource, RafsImage
 
 if TYPE_CHECKING:
     from nydus_actors.fs.base import Filesystem
@@ -20,7 +21,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def open_filesystem(cmd: MountCmd) -> Filesystem:
+#: Opens the chunk source of a RAFS mount: (mount id, image, config) -> ChunkSource.
+OpenSource = Callable[[str, RafsImage, FsConfig], ChunkSource]
+
+
+def open_filesystem(cmd: MountCmd, open_source: OpenSource | None = None) -> Filesystem:
     """Open the filesystem `cmd` asks for, ready to attach to the VFS.
 
     Raises:
@@ -46,7 +51,12 @@ def open_filesystem(cmd: MountCmd) -> Filesystem:
     )
     image = RafsImage.open(cmd.source)
     try:
-        fs = RafsFs(image, config, stats)
+        source = None
+        if image.is_rafs:
+            if open_source is None:
+                raise Unsupported
+            source = open_source(cmd.mountpoint, image, config)
+        fs = RafsFs(image, config, stats, source)
     except BaseException:
         image.close()
         raise

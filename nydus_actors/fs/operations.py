@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -118,8 +119,27 @@ class VfsOperations(pyfuse3.Operations):
         self._inflight = inflight
         self._on_init = on_init
         self._read_delay = read_delay
-        # Reads that must wait for a backend run in at most this many worker threads.
-        self._blocking_reads = trio.CapacityLimiter(fetch_threads)
+        # Reads that must wait for a backend run in these worker threads. They are this
+        # object's own rather than trio's thread cache so that `close()` can end them.
+        self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fuse-fetch")
+
+    def close(self) -> None:
+        """End the fetch threads (after the loop has stopped)."""
+        self._fetch_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _in_fetch_thread(self, fn: Callable[..., bytes], *args: object) -> bytes:
+        """Run `fn` in a fetch thread and wait for it without blocking the loop."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future = self._fetch_pool.submit(fn, *args)
+        future.add_done_callback(wake)
+        await done.wait()
+        return future.result()
 
     def init(self) -> None:
         # pyfuse3 calls this from a C callback that cannot propagate exceptions.
@@ -195,7 +215,7 @@ class VfsOperations(pyfuse3.Operations):
             if data is None:
                 # a miss that must fetch from a backend: off the loop thread, so other
                 # requests (cached reads included) go on meanwhile
-                data = await trio.to_thread.run_sync(fs.read, inner, off, size, limiter=self._blocking_reads)
+                data = await self._in_fetch_thread(fs.read, inner, off, size)
             return data
 
     async def release(self, fh: int) -> None:

@@ -20,7 +20,7 @@ from nydus_actors.exceptions import OtherError, Unsupported
 from nydus_actors.fs.base import DirEntry, Filesystem, InodeAttr, StatFs
 from nydus_actors.metrics import FsIoStats, StatsFop
 from nydus_actors.models import FsType
-from nydus_actors.rafs import Inode, LocalBlobSource, LocalDeviceReader, RafsImage, read_file
+from nydus_actors.rafs import ChunkSource, Inode, LocalBlobSource, LocalDeviceReader, RafsImage, read_file
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
@@ -54,20 +54,26 @@ def blob_paths(image: RafsImage, config: FsConfig) -> list[str | None]:
 class _Counted:
     """Times one operation and counts it as a hit or an error in the instance's statistics."""
 
-    __slots__ = ("_fop", "_ino", "_started", "_stats", "size")
+    __slots__ = ("_counted", "_fop", "_ino", "_started", "_stats", "size")
 
     def __init__(self, stats: FsIoStats, fop: StatsFop, ino: int) -> None:
         self._stats = stats
         self._fop = fop
         self._ino = ino
         self.size = 0
+        self._counted = True
+
+    def cancel(self) -> None:
+        """Do not count this operation (another call will)."""
+        self._counted = False
 
     def __enter__(self) -> _Counted:
         self._started = time.perf_counter()
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._stats.record(self._fop, self._ino, self._started, ok=exc_type is None, size=self.size)
+        if self._counted:
+            self._stats.record(self._fop, self._ino, self._started, ok=exc_type is None, size=self.size)
 
 
 class RafsFs(Filesystem):
@@ -75,23 +81,28 @@ class RafsFs(Filesystem):
 
     fs_type: ClassVar[FsType] = FsType.RAFS
 
-    def __init__(self, image: RafsImage, config: FsConfig, stats: FsIoStats) -> None:
+    def __init__(
+        self, image: RafsImage, config: FsConfig, stats: FsIoStats, source: ChunkSource | None = None
+    ) -> None:
+        """Serve `image`; a RAFS image reads its chunks through `source` (owned by the caller)."""
         self.image = image
         self.config = config
         self.stats = stats
         rafs = config.rafs
         self.attr_timeout = float(rafs["attr_timeout"])
         self.entry_timeout = float(rafs["entry_timeout"])
-        paths = blob_paths(image, config)
-        validate = bool(rafs["validate"] or (config.cache or {}).get("validate", False))
-        self._source: LocalBlobSource | None = None
+        self._source = source
         self._devices: LocalDeviceReader | None = None
-        if image.is_rafs:
-            files = {blob.blob_id: path for blob, path in zip(image.blobs, paths, strict=True) if path}
-            self._source = LocalBlobSource(image, blob_files=files, validate=validate)
-        else:
+        self._cached = getattr(source, "read_extents_cached", None)
+        self._extents_reader = getattr(source, "read_extents", None)
+        # local blob files never wait on the network: read them in the FUSE loop
+        self._local = isinstance(source, LocalBlobSource)
+        if not image.is_rafs:
             # a device without a blob file fails the reads that need it, with EIO
+            paths = blob_paths(image, config)
             self._devices = LocalDeviceReader(image.path, [path or "" for path in paths])
+        elif source is None:
+            raise OtherError(f"failed to serve {image.path}: no chunk source for a RAFS image")
 
     @property
     def root_ino(self) -> int:
@@ -164,10 +175,29 @@ class RafsFs(Filesystem):
             if stat.S_ISDIR(self.image.inode(ino).mode):
                 raise OSError(errno.EISDIR, "is a directory")
 
+    def read_nowait(self, ino: int, off: int, size: int) -> bytes | None:
+        if self._devices is not None or self._local:
+            return self.read(ino, off, size)
+        if self._cached is None:
+            return None
+        with _Counted(self.stats, StatsFop.READ, ino) as op:
+            try:
+                data = self._cached(self.image.chunk_extents(ino, off, size))
+            except OtherError as ex:
+                raise OSError(errno.EIO, str(ex)) from ex
+            if data is None:
+                # not counted here: the worker thread's `read` counts this request
+                op.cancel()
+                return None
+            op.size = len(data)
+            return data
+
     def read(self, ino: int, off: int, size: int) -> bytes:
         with _Counted(self.stats, StatsFop.READ, ino) as op:
             try:
-                if self._source is not None:
+                if self._extents_reader is not None:
+                    data = self._extents_reader(self.image.chunk_extents(ino, off, size))
+                elif self._source is not None:
                     data = read_file(self.image, ino, off, size, self._source)
                 else:
                     assert self._devices is not None
@@ -203,8 +233,7 @@ class RafsFs(Filesystem):
             return list(self.image.xattrs(ino))
 
     def close(self) -> None:
+        # the chunk source belongs to the blob cache manager, which closes it on umount
         if self._devices is not None:
             self._devices.close()
-        if self._source is not None:
-            self._source.close()
         self.image.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,16 +135,37 @@ def test_bad_rafs_mounts_keep_the_daemon_serving(spawn, tmp_path: Path) -> None:
         (daemon.mountpoint / "noblob" / "lib.rs").read_bytes()
     assert info.value.errno == 5  # EIO for that file only
     assert sorted(os.listdir(daemon.mountpoint / "noblob")) == sorted(SIZES)
+    # a registry nobody listens on: the mount works, reads fail with EIO in bounded time
     registry = json.dumps(
         {
-            "device": {"backend": {"type": "registry", "config": {"host": "127.0.0.1:1", "repo": "x"}}},
+            "device": {
+                "backend": {
+                    "type": "registry",
+                    "config": {"host": "127.0.0.1:1", "repo": "x", "scheme": "http", "timeout": 2},
+                }
+            },
             "mode": "direct",
         }
     )
-    status, _, body = mount(daemon, "/reg", registry)
+    assert mount(daemon, "/reg", registry)[0] == 204
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (daemon.mountpoint / "reg" / "lib.rs").read_bytes()
+    assert info.value.errno == 5 and time.monotonic() - started < 30
+    events = daemon.request("GET", "/api/v1/daemon/events")[2]
+    assert any("be7d77ee" in line and "registry" in line for line in events["errors"]), events
+    backend = daemon.request("GET", "/api/v1/metrics/backend?id=/reg")[2]
+    assert backend["backend_type"] == "registry" and backend["read_errors"] >= 1
+    oss = json.dumps(
+        {
+            "device": {"backend": {"type": "oss", "config": {"endpoint": "e", "bucket_name": "b"}}},
+            "mode": "direct",
+        }
+    )
+    status, _, body = mount(daemon, "/oss", oss)
     assert (status, body["message"]) == (501, "Mount(MountFilesystem(Unsupported))")
     assert daemon.state() == "RUNNING"
-    assert sorted(daemon.request("GET", "/api/v1/daemon")[2]["backend_collection"]) == ["/noblob"]
+    assert sorted(daemon.request("GET", "/api/v1/daemon")[2]["backend_collection"]) == ["/noblob", "/reg"]
 
 
 @pytest.mark.skipif(not BOOTSTRAP.exists(), reason="needs ../shared/fixtures/nydus")

@@ -119,13 +119,22 @@ class BlobBackend(abc.ABC):
         attempt = 0
         while True:
             try:
-                return call()
+                try:
+                    return call()
+                except BackendError:
+                    raise
+                except Exception as ex:
+                    # a backend bug or an unforeseen library error: fail this read, clearly
+                    raise BackendError(f"unexpected {type(ex).__name__}: {ex}") from ex
             except BackendError as ex:
                 if not ex.temporary or attempt >= self.retry_limit:
                     line = f"{self.backend_type} backend: failed to {what} blob {blob_id}: {ex.text}"
                     logger.error("%s (after %d retries)", line, attempt)
                     if self._on_failure is not None:
-                        self._on_failure(line)
+                        try:
+                            self._on_failure(line)
+                        except Exception:
+                            logger.exception("failed to report a backend failure")
                     raise
                 attempt += 1
                 delay = min(0.1 * 2**attempt, 2.0) * random.uniform(0.5, 1.0)

@@ -1,0 +1,344 @@
+"""The cached data path of one image: hits are a pread of the cache file, misses fetch, check and store.
+
+`BlobCacheRegistry` shares one `CachedBlob` among the images of a work directory that use a blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from nydus_actors.exceptions import NydusError
+from nydus_actors.rafs.blob import chunk_digest, decompress
+from nydus_actors.rafs.blobtable import (
+    BLOB_FEATURE_BATCH,
+    BLOB_FEATURE_ENCRYPTED,
+    BLOB_FEATURE_ZRAN,
+    BlobInfo,
+)
+from nydus_actors.rafs.chunks import CHUNK_FLAG_BATCH, CHUNK_FLAG_ENCRYPTED, ChunkExtent, ChunkInfo
+from nydus_actors.rafs.errors import RafsError
+from nydus_actors.storage.cache.blob_file import DATA_SUFFIX, MAP_SUFFIX, CachedBlob, FillResult
+from nydus_actors.storage.cache.metrics import BlobcacheMetrics
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[BlobInfo, ChunkInfo], bytes]
+
+_UNSUPPORTED_FEATURES = {
+    BLOB_FEATURE_ZRAN: "zran",
+    BLOB_FEATURE_BATCH: "batch",
+    BLOB_FEATURE_ENCRYPTED: "encrypted",
+}
+_UNSUPPORTED_FLAGS = CHUNK_FLAG_ENCRYPTED | CHUNK_FLAG_BATCH
+
+
+class BlobCacheRegistry:
+    """The open `CachedBlob`s of one work directory, reference-counted by blob id.
+
+    One registry per work directory per process: two would each open the same files.
+    """
+
+    def __init__(self, work_dir: str) -> None:
+        self.work_dir = os.path.abspath(work_dir)
+        os.makedirs(self.work_dir, exist_ok=True)
+        self._lock = threading.Lock()
+        self._blobs: dict[str, list] = {}  # blob id -> [CachedBlob, references]
+
+    def acquire(self, blob: BlobInfo) -> CachedBlob:
+        """Open (or share) the cache of `blob`; each call needs one `release`."""
+        with self._lock:
+            entry = self._blobs.get(blob.blob_id)
+            if entry is None:
+                entry = [CachedBlob(self.work_dir, blob, blob.chunk_count), 0]
+                self._blobs[blob.blob_id] = entry
+            cached = entry[0]
+            if cached.size != blob.uncompressed_size or cached.chunk_count != blob.chunk_count:
+                raise RafsError(
+                    f"blob {blob.blob_id} is cached as {cached.chunk_count} chunks in {cached.size} bytes, "
+                    f"an image declares {blob.chunk_count} chunks in {blob.uncompressed_size} bytes"
+                )
+            entry[1] += 1
+            return cached
+
+    def release(self, blob_id: str) -> None:
+        """Drop one reference; the last one closes the files, which stay for the next user."""
+        with self._lock:
+            entry = self._blobs.get(blob_id)
+            if entry is None:
+                raise KeyError(f"blob {blob_id} is not held in {self.work_dir}")
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._blobs[blob_id]
+                entry[0].close()
+
+    def referenced(self) -> set[str]:
+        """The blob ids in use."""
+        with self._lock:
+            return set(self._blobs)
+
+    def gc(self) -> list[str]:
+        """Remove the cache files of every blob no longer referenced; return the paths removed."""
+        removed = []
+        # Under the lock, so that no acquire can open a file that is being removed.
+        with self._lock:
+            for name in sorted(os.listdir(self.work_dir)):
+                for suffix in (DATA_SUFFIX, MAP_SUFFIX):
+                    if name.endswith(suffix) and name[: -len(suffix)] not in self._blobs:
+                        path = os.path.join(self.work_dir, name)
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            continue
+                        removed.append(path)
+        return removed
+
+
+_shared: dict[str, BlobCacheRegistry] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_registry(work_dir: str) -> BlobCacheRegistry:
+    """The process-wide registry of `work_dir`."""
+    key = os.path.realpath(work_dir)
+    with _shared_lock:
+        registry = _shared.get(key)
+        if registry is None:
+            registry = _shared[key] = BlobCacheRegistry(key)
+        return registry
+
+
+class CachedChunkSource:
+    """A rafs `ChunkSource` over a local blob cache, filled through `fetch` on a miss.
+
+    Args:
+        blobs: the image's blob table, indexed by `ChunkInfo.blob_index`.
+        work_dir: the cache directory (nydusd `cache.filecache.work_dir`).
+        fetch: returns the raw (possibly compressed) bytes of a chunk from the backend.
+        validate: check each fetched chunk's digest before it enters the cache.
+        on_error: called with the line describing each data error found here (a chunk
+            that fails to decode or verify, a cache write failure); fetch errors pass
+            through unchanged, as the backend reports its own.
+        registry: defaults to the process-wide registry of `work_dir`.
+        metrics: defaults to a fresh set with an empty instance id.
+    """
+
+    def __init__(
+        self,
+        blobs: Sequence[BlobInfo],
+        work_dir: str,
+        fetch: Fetch,
+        *,
+        validate: bool,
+        on_error: Callable[[str], None] | None = None,
+        registry: BlobCacheRegistry | None = None,
+        metrics: BlobcacheMetrics | None = None,
+    ) -> None:
+        self._registry = registry if registry is not None else shared_registry(work_dir)
+        self._blobs = tuple(blobs)
+        self._fetch = fetch
+        self._validate = validate
+        self._on_error = on_error
+        self.metrics = metrics if metrics is not None else BlobcacheMetrics("", self._registry.work_dir)
+        self._metrics_lock = threading.Lock()
+        # Per blob index: its cache, or why its chunks cannot be served.
+        self._cached: list[CachedBlob | None] = []
+        self._refusals: dict[int, str] = {}
+        self._held: list[str] = []
+        try:
+            for position, blob in enumerate(self._blobs):
+                refusal = _refusal(blob)
+                if refusal is not None:
+                    self._refusals[position] = refusal
+                    self._cached.append(None)
+                    continue
+                self._cached.append(self._registry.acquire(blob))
+                self._held.append(blob.blob_id)
+        except BaseException:
+            self.close()
+            raise
+        self.metrics.add_files(c.data_path for c in self._cached if c is not None)
+        self.refresh_metrics()
+
+    def _cache_of(self, chunk: ChunkInfo) -> CachedBlob:
+        if not 0 <= chunk.blob_index < len(self._cached):
+            raise RafsError(f"chunk {chunk.index} names blob {chunk.blob_index}, which does not exist")
+        cached = self._cached[chunk.blob_index]
+        if cached is None:
+            raise RafsError(self._refusals[chunk.blob_index])
+        return cached
+
+    def read_range(self, chunk: ChunkInfo, skip: int, length: int) -> bytes:
+        """Return `length` bytes of the uncompressed `chunk` from byte `skip`."""
+        data, hit = self._read(chunk, skip, length)
+        self.metrics.record_read(1, int(hit))
+        return data
+
+    def read_chunk(self, chunk: ChunkInfo) -> bytes:
+        """Return the whole uncompressed `chunk`."""
+        return self.read_range(chunk, 0, chunk.uncompressed_size)
+
+    def read_extents(self, extents: Sequence[ChunkExtent]) -> bytes:
+        """Serve one file read made of `extents` (holes read as zeros), counted as one cache request.
+
+        This is what gives `partial_hits` a meaning: a read some of whose chunks were cached.
+        """
+        parts: list[bytes] = []
+        chunks = cached = 0
+        for extent in extents:
+            if extent.chunk is None:
+                parts.append(bytes(extent.length))
+                continue
+            data, hit = self._read(extent.chunk, extent.skip, extent.length)
+            chunks += 1
+            cached += hit
+            parts.append(data)
+        self.metrics.record_read(chunks, cached)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_extents_cached(self, extents: Sequence[ChunkExtent]) -> bytes | None:
+        """Serve a read only if every chunk it needs is cached, else return None without fetching.
+
+        The FUSE loop calls this in its own thread: a hit is a few preads; a miss
+        goes to a worker thread through `read_extents`.
+        """
+        parts: list[bytes] = []
+        chunks = 0
+        for extent in extents:
+            if extent.chunk is None:
+                parts.append(bytes(extent.length))
+                continue
+            chunk = extent.chunk
+            if extent.skip < 0 or extent.length < 0 or extent.skip + extent.length > chunk.uncompressed_size:
+                return None  # let the full path report it
+            data = self._cache_of(chunk).read(chunk, extent.skip, extent.length)
+            if data is None:
+                return None
+            chunks += 1
+            parts.append(data)
+        self.metrics.record_read(chunks, chunks)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read(self, chunk: ChunkInfo, skip: int, length: int) -> tuple[bytes, bool]:
+        if skip < 0 or length < 0 or skip + length > chunk.uncompressed_size:
+            raise RafsError(
+                f"read of {skip}+{length} bytes outside chunk {chunk.index} of "
+                f"{chunk.uncompressed_size} bytes"
+            )
+        cached = self._cache_of(chunk)
+        data = cached.read(chunk, skip, length)
+        if data is not None:
+            return data, True
+        data = self._fill(cached, chunk)
+        if skip or length != len(data):
+            data = data[skip : skip + length]
+        return data, False
+
+    def _fill(self, cached: CachedBlob, chunk: ChunkInfo) -> bytes:
+        """Bring a missing chunk into the cache, or wait for the fill already under way."""
+        blob = self._blobs[chunk.blob_index]
+        future, owner = cached.begin_fill(chunk)
+        if not owner:
+            data, verified = future.result()
+            # The fill may belong to an image that does not validate.
+            if self._validate and not verified:
+                self._verify(blob, chunk, data)
+            return data
+        try:
+            # A fill that ended between our miss and begin_fill has already stored the chunk.
+            data = cached.read(chunk, 0, chunk.uncompressed_size)
+            result: FillResult = (data, True) if data is not None else self._load(cached, blob, chunk)
+        except BaseException as ex:
+            future.set_exception(ex)
+            raise
+        else:
+            future.set_result(result)
+        finally:
+            cached.end_fill(chunk, future)
+        return result[0]
+
+    def _load(self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo) -> FillResult:
+        """Fetch, decode, check and store one chunk."""
+        where = f"chunk {chunk.index} of blob {blob.blob_id}"
+        if chunk.flags & _UNSUPPORTED_FLAGS:
+            raise RafsError(f"{where} has unsupported flags 0x{chunk.flags:x}")
+        if not chunk.compressed and chunk.compressed_size != chunk.uncompressed_size:
+            raise RafsError(
+                f"uncompressed {where} has sizes {chunk.compressed_size} != {chunk.uncompressed_size}"
+            )
+        cached.check(chunk)
+        try:
+            raw = self._fetch(blob, chunk)
+        except NydusError:
+            raise
+        except Exception as ex:
+            raise RafsError(f"failed to fetch {where}: {ex}") from ex
+        if len(raw) != chunk.compressed_size:
+            self._data_error(f"{where}: fetched {len(raw)} bytes, expected {chunk.compressed_size}")
+        if chunk.compressed:
+            try:
+                data = decompress(raw, blob.compressor, chunk.uncompressed_size)
+            except RafsError as ex:
+                self._data_error(f"{where}: {ex.text}")
+        else:
+            data = bytes(raw)
+        if self._validate:
+            self._verify(blob, chunk, data)
+        try:
+            if cached.store(chunk, data):
+                self.refresh_metrics()
+        except OSError as ex:
+            # The bytes are good; only keeping them failed. The read is served and the next
+            # one fetches again.
+            self._report(f"failed to write {where} to cache file {cached.data_path}: {ex.strerror}")
+        return data, self._validate
+
+    def _verify(self, blob: BlobInfo, chunk: ChunkInfo, data: bytes) -> None:
+        if chunk_digest(data, blob.digester) != chunk.digest:
+            self._data_error(f"chunk {chunk.index} of blob {blob.blob_id}: {blob.digester} digest mismatch")
+
+    def _data_error(self, text: str) -> NoReturn:
+        self._report(text)
+        raise RafsError(text)
+
+    def _report(self, text: str) -> None:
+        logger.warning("%s", text)
+        if self._on_error is not None:
+            try:
+                self._on_error(text)
+            except Exception:
+                # A failing report hook must not replace the error being reported.
+                logger.exception("blob cache error hook failed")
+
+    def refresh_metrics(self) -> None:
+        """Recompute `entries_count` and `data_all_ready` from the chunk maps."""
+        with self._metrics_lock:
+            distinct = {id(c): c for c in self._cached if c is not None}.values()
+            entries = sum(c.map.ready_count() for c in distinct)
+            all_ready = not self._refusals and all(c.map.all_ready() for c in distinct)
+            self.metrics.set_entries(entries, all_ready)
+
+    def close(self) -> None:
+        """Release this image's blobs; their files stay in the work directory."""
+        held, self._held = self._held, []
+        for blob_id in held:
+            self._registry.release(blob_id)
+
+    def __enter__(self) -> CachedChunkSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _refusal(blob: BlobInfo) -> str | None:
+    """Why the chunks of `blob` cannot go through the cache, if they cannot."""
+    if not blob.blob_id:
+        return f"blob {blob.index} has no blob id to name its cache file"
+    for bit, name in _UNSUPPORTED_FEATURES.items():
+        if blob.features & bit:
+            return f"blob {blob.blob_id} uses the unsupported {name} feature"
+    return None
