@@ -352,3 +352,46 @@ def localfs_config_text(blob_dir: str) -> str:
             "mode": "direct",
         }
     )
+
+
+def blob_entry_config(entry: dict[str, Any]) -> dict[str, Any]:
+    """The ConfigV2 of a BlobCacheEntry (`PUT /api/v2/blobs`), as `prepare_configuration_info()` builds it.
+
+    A legacy `config` is converted; `config_v2` is taken as it is. Backend and
+    cache must validate.
+
+    Raises:
+        ValueError: no usable configuration (the API answers 400 `BadRequest`).
+    """
+    raw_v2 = entry.get("config_v2")
+    if raw_v2 is not None:
+        backend_raw = raw_v2.get("backend") or {}
+        kind = str(backend_raw.get("type", ""))
+        cache_raw = raw_v2.get("cache") or {}
+        cache_kind = str(cache_raw.get("type", ""))
+        section = cache_raw.get("filecache") or cache_raw.get("fscache") or {}
+        config_id = str(raw_v2.get("id", ""))
+        metadata_path = str(raw_v2.get("metadata_path", ""))
+        backend = _backend(kind, backend_raw.get(kind))
+    else:
+        legacy = entry.get("config") or {}
+        kind = str(legacy.get("backend_type", ""))
+        cache_kind = str(legacy.get("cache_type", ""))
+        section = legacy.get("cache_config") or {}
+        config_id = str(legacy.get("id", ""))
+        metadata_path = str(legacy.get("metadata_path", ""))
+        backend = _backend(kind, legacy.get("backend_config"))
+    cache = _cache(
+        cache_kind,
+        compressed=False,
+        validate=False,
+        prefetch=_prefetch(None),
+        work_dir=section.get("work_dir"),
+    )
+    return {
+        "version": 2,
+        "id": config_id,
+        "backend": backend,
+        "cache": cache,
+        "metadata_path": metadata_path,
+    }

@@ -24,6 +24,7 @@ from nydus_actors.rafs import BlobInfo, ChunkInfo, LocalBlobSource, RafsImage
 from nydus_actors.storage.backends.factory import open_backend
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource, shared_registry
 from nydus_actors.storage.direct import DirectChunkSource
+from nydus_actors.storage.objects import BlobObjects, EinvalError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
         self._mounts: dict[str, _Mount] = {}
         # sources a remount replaced, kept until the filesystem no longer reads through them
         self._replaced: dict[str, list[_Mount]] = {}
+        self._objects = BlobObjects()
 
     def open_source(self, mount_id: str, image: RafsImage, config: FsConfig) -> Any:
         """Build the chunk source of a RAFS mount; the caller's filesystem reads through it.
@@ -156,6 +158,24 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
                 changed += 1
         return changed
 
+    def add_blob_object(self, blob_type: str, blob_id: str, domain_id: str, config: dict) -> list[str]:
+        """`PUT /api/v2/blobs`: only bootstrap entries can be added, as in nydusd."""
+        if blob_type != "bootstrap":
+            raise EinvalError
+        added = self._objects.add_bootstrap(blob_id, domain_id, config)
+        logger.info("blob objects added: %s", ", ".join(added))
+        return added
+
+    def get_blob_objects(self, domain_id: str, blob_id: str | None) -> list[dict]:
+        """`GET /api/v2/blobs`."""
+        return self._objects.list(domain_id, blob_id)
+
+    def remove_blob_objects(self, domain_id: str, blob_id: str | None) -> list[str]:
+        """`DELETE /api/v2/blobs?domain_id=[&blob_id=]`."""
+        removed = self._objects.remove(domain_id, blob_id)
+        logger.info("blob objects removed: %s", ", ".join(removed))
+        return removed
+
     def _report(self, line: str) -> None:
         if self._on_event is not None:
             self._on_event(line)
@@ -185,6 +205,9 @@ class BlobCacheManagerProxy(ActorMemberMixin, pykka.ActorProxy[BlobCacheManagerA
     open_source = proxy_method(BlobCacheManagerActor.open_source)
     close_source = proxy_method(BlobCacheManagerActor.close_source)
     retire = proxy_method(BlobCacheManagerActor.retire)
+    add_blob_object = proxy_method(BlobCacheManagerActor.add_blob_object)
+    get_blob_objects = proxy_method(BlobCacheManagerActor.get_blob_objects)
+    remove_blob_objects = proxy_method(BlobCacheManagerActor.remove_blob_objects)
     backend_metrics = proxy_method(BlobCacheManagerActor.backend_metrics)
     blobcache_metrics = proxy_method(BlobCacheManagerActor.blobcache_metrics)
     set_registry_auth = proxy_method(BlobCacheManagerActor.set_registry_auth)

@@ -347,20 +347,23 @@ class DaemonActor(pykka.ThreadingActor):
 
     # -- API v2 blob objects ---------------------------------------------------
 
-    def create_blob(self, entry: dict[str, Any]) -> None:
-        """`PUT /api/v2/blobs`: a FUSE daemon has no blob cache manager (501)."""
-        del entry
-        raise Unsupported
+    def create_blob(self, blob_type: str, blob_id: str, domain_id: str, config: dict[str, Any]) -> None:
+        """`PUT /api/v2/blobs`: register a bootstrap blob object and its data blobs."""
+        if self._cache is None:
+            raise Unsupported
+        self._cache.add_blob_object(blob_type, blob_id, domain_id, config).get(timeout=FUSE_TIMEOUT)
 
     def get_blobs(self, domain_id: str, blob_id: str | None) -> Any:
-        """`GET /api/v2/blobs` (nydusd panics here; we answer 501)."""
-        del domain_id, blob_id
-        raise Unsupported
+        """`GET /api/v2/blobs`: the objects of a domain (nydusd panics here; we answer)."""
+        if self._cache is None:
+            raise Unsupported
+        return self._cache.get_blob_objects(domain_id, blob_id).get(timeout=FUSE_TIMEOUT)
 
     def delete_blobs(self, domain_id: str, blob_id: str | None) -> None:
-        """`DELETE /api/v2/blobs?domain_id=`: no blob cache manager (501)."""
-        del domain_id, blob_id
-        raise Unsupported
+        """`DELETE /api/v2/blobs?domain_id=`: remove one object or a whole domain."""
+        if self._cache is None:
+            raise Unsupported
+        self._cache.remove_blob_objects(domain_id, blob_id).get(timeout=FUSE_TIMEOUT)
 
     def delete_blob_file(self, blob_id: str) -> None:
         """`DELETE /api/v2/blobs?blob_id=`: a FUSE daemon has no blob files to cull.

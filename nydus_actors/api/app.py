@@ -21,6 +21,7 @@ import falcon
 
 from nydus_actors.api import bodies, errors
 from nydus_actors.api.bodies import BodyError
+from nydus_actors.config import blob_entry_config
 from nydus_actors.exceptions import InvalidArgument
 from nydus_actors.models import FS_TYPE_BY_NAME, MountCmd
 
@@ -237,8 +238,11 @@ class BlobsResource(Resource):
 
     def put(self, req: falcon.Request, query: dict, body: bytes) -> None:
         entry = bodies.decode_struct(body, "BlobCacheEntry", bodies.BLOB_CACHE_ENTRY)
-        bodies.check_blob_entry(entry)
-        self._wait(self._daemon.create_blob(entry))
+        try:
+            config = blob_entry_config(entry)
+        except (ValueError, TypeError, AttributeError):
+            raise bodies.bad_request() from None  # nydusd: prepare_configuration_info() failed
+        self._wait(self._daemon.create_blob(entry["type"], entry["id"], entry.get("domain_id", ""), config))
 
     def delete(self, req: falcon.Request, query: dict, body: bytes) -> None:
         if "domain_id" in query:

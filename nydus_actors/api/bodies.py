@@ -199,20 +199,3 @@ BLOB_CACHE_ENTRY = (
     Field("config_v2", "object", required=False),
 )
 
-
-#: Fields a legacy `config` of a BlobCacheEntry must carry (reference §7.4).
-_BLOB_CONFIG_REQUIRED = ("backend_type", "backend_config", "cache_type", "cache_config")
-
-
-def check_blob_entry(entry: dict[str, Any]) -> None:
-    """Reject an entry without usable configuration, as `prepare_configuration_info()` does."""
-    config = entry.get("config")
-    config_v2 = entry.get("config_v2")
-    if config_v2 is not None:
-        if not isinstance(config_v2.get("backend"), dict) or not isinstance(config_v2.get("cache"), dict):
-            raise bad_request()
-    elif config is not None:
-        if any(key not in config for key in _BLOB_CONFIG_REQUIRED):
-            raise bad_request()
-    else:
-        raise bad_request()

@@ -13,12 +13,14 @@ import falcon
 import falcon.testing
 import pytest
 
+from nydus_actors.actors.blob_cache import BlobCacheManagerActor
 from nydus_actors.actors.daemon import DaemonActor, DaemonSettings
 from nydus_actors.api.app import create_app
 from nydus_actors.lifecycle import Lifecycle, ShutdownReason
 from nydus_actors.models import InflightRequest
 from nydus_actors.version import build_info
 from tests.dummies import DummyFuseSession
+from tests.paths import NYDUS_FIXTURES
 
 MOUNTED_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{1,9} \+00:00:00$")
 
@@ -28,7 +30,8 @@ class Stack:
         self.lifecycle = Lifecycle()
         self.fuse = DummyFuseSession.start().proxy()
         settings = DaemonSettings(id="d1" if supervisor else None, supervisor=supervisor)
-        self.daemon = DaemonActor.start(settings, self.fuse, self.lifecycle).proxy()
+        self.cache = BlobCacheManagerActor.start().proxy()
+        self.daemon = DaemonActor.start(settings, self.fuse, self.lifecycle, self.cache).proxy()
         if boot:
             self.daemon.boot(None).get(timeout=5)
         self.client = falcon.testing.TestClient(create_app(self.daemon, timeout=5))
@@ -385,35 +388,97 @@ def test_config_bad_input(stack: Stack) -> None:
 
 # -- /api/v2/blobs -------------------------------------------------------------------------------
 
-BLOB_ENTRY = {
-    "type": "bootstrap",
-    "id": "img",
-    "domain_id": "dom",
-    "config": {
-        "id": "img",
-        "backend_type": "localfs",
-        "backend_config": {"dir": "/nonexistent"},
-        "cache_type": "fscache",
-        "cache_config": {"work_dir": "/nonexistent"},
-        "metadata_path": "/nonexistent/image.boot",
-    },
-}
+BOOTSTRAP = NYDUS_FIXTURES / "bootstrap" / "rafs-v6-2.2.boot"
+DATA_BLOB = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 
 
-def test_blobs(stack: Stack) -> None:
+def blob_entry(blob_id: str = "img", domain: str = "dom", metadata: str = str(BOOTSTRAP), **extra) -> dict:
+    return {
+        "type": "bootstrap",
+        "id": blob_id,
+        "domain_id": domain,
+        "config": {
+            "id": blob_id,
+            "backend_type": "localfs",
+            "backend_config": {"dir": str(NYDUS_FIXTURES / "blobs")},
+            "cache_type": "fscache",
+            "cache_config": {"work_dir": "/var/cache/fscache"},
+            "metadata_path": metadata,
+            **extra,
+        },
+    }
+
+
+def test_blob_objects(stack: Stack) -> None:
     assert error_of(stack.call("GET", "/api/v2/blobs")) == "BadRequest"
-    result = stack.call("GET", "/api/v2/blobs", query="domain_id=dom")
-    assert result.status_code == 501 and error_of(result) == "GetBlobObjects(DaemonAbnormal(Unsupported))"
-    result = stack.call("PUT", "/api/v2/blobs", body=BLOB_ENTRY)
-    assert result.status_code == 501 and error_of(result) == "CreateBlobObject(DaemonAbnormal(Unsupported))"
+    assert stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json == []
+    assert_no_content(stack.call("PUT", "/api/v2/blobs", body=blob_entry()))
+    listed = stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json
+    assert [(o["type"], o["id"], o["domain_id"]) for o in listed] == [
+        ("bootstrap", "img", "dom"),
+        ("datablob", DATA_BLOB, "dom"),
+    ]
+    assert listed[0]["config_v2"]["backend"]["type"] == "localfs"
+    assert listed[0]["config_v2"]["cache"]["fscache"]["work_dir"] == "/var/cache/fscache/dom"  # per domain
+    assert len(stack.call("GET", "/api/v2/blobs", query="domain_id=dom&blob_id=img").json) == 1
+    result = stack.call("PUT", "/api/v2/blobs", body=blob_entry())
+    assert result.status_code == 500
+    assert (
+        error_of(result)
+        == 'CreateBlobObject(DaemonAbnormal(Other("blob_cache: bootstrap blob already exists")))'
+    )
+    # a second bootstrap of the same image in the same domain shares the data blob
+    assert_no_content(stack.call("PUT", "/api/v2/blobs", body=blob_entry("img2")))
+    assert len(stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json) == 3
+    assert_no_content(stack.call("PUT", "/api/v2/blobs", body=blob_entry(domain="other")))
+    assert len(stack.call("GET", "/api/v2/blobs", query="domain_id=other").json) == 2
+    assert_no_content(stack.call("DELETE", "/api/v2/blobs", query="domain_id=dom&blob_id=img"))
+    assert [o["id"] for o in stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json] == [
+        "img2",
+        DATA_BLOB,
+    ]
+    result = stack.call("DELETE", "/api/v2/blobs", query="domain_id=dom&blob_id=img")
+    assert result.status_code == 500
+    assert (
+        error_of(result)
+        == 'DeleteBlobObject(DaemonAbnormal(Other("No such file or directory (os error 2)")))'
+    )
+    assert_no_content(stack.call("DELETE", "/api/v2/blobs", query="domain_id=dom"))
+    assert stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json == []
+    assert len(stack.call("GET", "/api/v2/blobs", query="domain_id=other").json) == 2
+    assert_no_content(stack.call("DELETE", "/api/v2/blobs", query="blob_id=img"))
+    assert error_of(stack.call("DELETE", "/api/v2/blobs")) == "BadRequest"
+
+
+def test_blob_objects_bad_input(stack: Stack, tmp_path) -> None:
+    einval = 'CreateBlobObject(DaemonAbnormal(Other("Invalid argument (os error 22)")))'
+    result = stack.call("PUT", "/api/v2/blobs", body=blob_entry(metadata=str(tmp_path / "missing.boot")))
+    assert result.status_code == 500 and error_of(result) == einval
+    result = stack.call("PUT", "/api/v2/blobs", body={**blob_entry(), "type": "datablob"})
+    assert result.status_code == 500 and error_of(result) == einval
+    result = stack.call("PUT", "/api/v2/blobs", body=blob_entry(domain="a/b"))
+    assert result.status_code == 500 and error_of(result) == einval
     result = stack.call("PUT", "/api/v2/blobs", body={"type": "bootstrap", "id": "img"})
+    assert result.status_code == 400 and error_of(result) == "BadRequest"
+    result = stack.call("PUT", "/api/v2/blobs", body=blob_entry(backend_type="nfs"))
     assert result.status_code == 400 and error_of(result) == "BadRequest"
     result = stack.call("PUT", "/api/v2/blobs", body={"type": "bootstrap"})
     assert error_of(result).startswith('ParseBody(Error("missing field `id`"')
-    result = stack.call("DELETE", "/api/v2/blobs", query="domain_id=dom&blob_id=img")
-    assert result.status_code == 501 and error_of(result) == "DeleteBlobObject(DaemonAbnormal(Unsupported))"
-    assert_no_content(stack.call("DELETE", "/api/v2/blobs", query="blob_id=img"))
-    assert error_of(stack.call("DELETE", "/api/v2/blobs")) == "BadRequest"
+    garbage = tmp_path / "garbage.boot"
+    garbage.write_bytes(b"\0" * 8192)
+    result = stack.call("PUT", "/api/v2/blobs", body=blob_entry(metadata=str(garbage)))
+    assert result.status_code == 500 and "magic" in error_of(result)
+    assert stack.call("GET", "/api/v2/blobs", query="domain_id=dom").json == []
+
+
+def test_blob_objects_without_a_cache_manager() -> None:
+    stack = Stack()
+    stack.daemon.actor_ref.stop()
+    settings = DaemonSettings()
+    stack.daemon = DaemonActor.start(settings, stack.fuse, stack.lifecycle).proxy()
+    stack.client = falcon.testing.TestClient(create_app(stack.daemon, timeout=5))
+    result = stack.call("GET", "/api/v2/blobs", query="domain_id=dom")
+    assert result.status_code == 501 and error_of(result) == "GetBlobObjects(DaemonAbnormal(Unsupported))"
 
 
 # -- framing -------------------------------------------------------------------------------------
