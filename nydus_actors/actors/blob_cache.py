@@ -25,6 +25,7 @@ from nydus_actors.storage.backends.factory import open_backend
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource, shared_registry
 from nydus_actors.storage.direct import DirectChunkSource
 from nydus_actors.storage.objects import BlobObjects, EinvalError
+from nydus_actors.storage.prefetch import Prefetcher, chunks_of, files_to_nids, table_nids
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class _Mount:
     cache_id: str | None
     cache_metrics: BlobcacheMetrics | None
     work_dir: str | None
+    prefetcher: Prefetcher | None = None
 
 
 def _localfs_files(image: RafsImage, settings: dict) -> dict[str, str]:
@@ -66,7 +68,9 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
         self._replaced: dict[str, list[_Mount]] = {}
         self._objects = BlobObjects()
 
-    def open_source(self, mount_id: str, image: RafsImage, config: FsConfig) -> Any:
+    def open_source(
+        self, mount_id: str, image: RafsImage, config: FsConfig, prefetch_files: tuple[str, ...] = ()
+    ) -> Any:
         """Build the chunk source of a RAFS mount; the caller's filesystem reads through it.
 
         A second source for the same mount (a remount) keeps the first one open
@@ -102,7 +106,13 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
                     registry=shared_registry(work_dir),
                     metrics=metrics,
                 )
-                self._mounts[mount_id] = _Mount(source, pool, config.id or mount_id, metrics, work_dir)
+                mount = _Mount(source, pool, config.id or mount_id, metrics, work_dir)
+                mount.prefetcher = _prefetcher(
+                    mount_id, image, config, source, pool, files=prefetch_files, metrics=metrics
+                )
+                self._mounts[mount_id] = mount
+                if mount.prefetcher is not None:
+                    mount.prefetcher.start()
             else:
                 source = DirectChunkSource(image.blobs, fetch, validate=validate, on_error=self._report)
                 self._mounts[mount_id] = _Mount(source, pool, None, None, None)
@@ -128,6 +138,8 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
             self._close(mount, collect=collect)
 
     def _close(self, mount: _Mount, *, collect: bool = True) -> None:
+        if mount.prefetcher is not None:
+            mount.prefetcher.stop()
         mount.source.close()
         if mount.pool is not None:
             mount.pool.stop()
@@ -187,6 +199,41 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
 
     def ping(self) -> bool:
         return True
+
+
+def _prefetcher(
+    mount_id: str,
+    image: RafsImage,
+    config: FsConfig,
+    source: CachedChunkSource,
+    pool: BackendPool,
+    *,
+    files: tuple[str, ...],
+    metrics: BlobcacheMetrics,
+) -> Prefetcher | None:
+    """The prefetch of a mount, if its config enables one (nydusd: cache.prefetch, else rafs.prefetch)."""
+    cache_prefetch = (config.cache or {}).get("prefetch") or {}
+    settings = cache_prefetch if cache_prefetch.get("enable") else config.rafs["prefetch"]
+    if not settings.get("enable"):
+        return None
+    nids = files_to_nids(image, files) if files else table_nids(image)
+    if nids:
+        chunks = chunks_of(image, nids)
+    elif settings.get("prefetch_all"):
+        chunks = sorted(image.chunks(), key=lambda c: (c.blob_index, c.compressed_offset))
+    else:
+        return None
+    return Prefetcher(
+        mount_id,
+        image,
+        source,
+        pool.backend.read_range,
+        chunks,
+        threads=int(settings.get("threads", 8)),
+        batch_size=int(settings.get("batch_size", 1 << 20)),
+        bandwidth_limit=int(settings.get("bandwidth_limit", 0)),
+        metrics=metrics,
+    )
 
 
 def _pick(table: dict, metrics_id: str | None) -> Any:

@@ -261,7 +261,7 @@ class DaemonActor(pykka.ThreadingActor):
             raise AlreadyExists
         if any(not path.startswith("/") for path in cmd.prefetch_files):
             raise OtherError("invalid prefetch file list")
-        fs = open_filesystem(cmd, self._open_source)
+        fs = open_filesystem(cmd, self._source_opener(cmd))
         record = _record(cmd, fs, time.time_ns())
         try:
             self._fuse.attach(cmd.mountpoint, fs).get(timeout=FUSE_TIMEOUT)
@@ -280,7 +280,7 @@ class DaemonActor(pykka.ThreadingActor):
             raise OtherError("filesystem type mismatch, expect RAFS")
         if any(not path.startswith("/") for path in cmd.prefetch_files):
             raise OtherError("invalid prefetch file list")
-        fs = open_filesystem(cmd, self._open_source)
+        fs = open_filesystem(cmd, self._source_opener(cmd))
         if record.stats is not None:
             fs.stats = record.stats  # the instance's counters survive the swap, as in nydusd
         new_record = _record(cmd, fs, record.mounted_ns)
@@ -299,10 +299,16 @@ class DaemonActor(pykka.ThreadingActor):
         record = self._mounts.pop(mountpoint)
         logger.info("umounted %s from %s", record.cmd.source, mountpoint)
 
-    def _open_source(self, mount_id: str, image: Any, config: Any) -> Any:
-        if self._cache is None:
-            raise Unsupported
-        return self._cache.open_source(mount_id, image, config).get(timeout=FUSE_TIMEOUT)
+    def _source_opener(self, cmd: MountCmd) -> Any:
+        """The function the filesystem factory calls to get a RAFS mount's chunk source."""
+
+        def open_source(mount_id: str, image: Any, config: Any) -> Any:
+            if self._cache is None:
+                raise Unsupported
+            opened = self._cache.open_source(mount_id, image, config, cmd.prefetch_files)
+            return opened.get(timeout=FUSE_TIMEOUT)
+
+        return open_source
 
     def _close_source(self, mount_id: str) -> None:
         if self._cache is not None:

@@ -116,3 +116,66 @@ def test_registry_backend_with_blob_cache(spawn, tmp_path: Path, image) -> None:
     # umount removes cache files no mount uses any more
     assert again.request("DELETE", "/api/v1/mount?mountpoint=/img")[0] == 204
     assert not (cache_dir / f"{result.blob_id}.blob.data").exists()
+
+
+def prefetch_config(registry, cache_dir: Path, **prefetch) -> str:
+    doc = json.loads(config(registry, cache_dir, None))
+    doc["fs_prefetch"] = {"enable": True, "threads_count": 2, "merging_size": 4 * 1024 * 1024, **prefetch}
+    return json.dumps(doc)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_prefetch_fills_the_cache_in_merged_requests(spawn, tmp_path: Path, image) -> None:
+    result, files = image
+    with registry_server(tmp_path / "reg", "plain") as registry:
+        registry.push_blob(REPO, Path(result.blob_path).read_bytes())
+        daemon = spawn()
+        body = {
+            "source": str(result.bootstrap),
+            "fs_type": "rafs",
+            "config": prefetch_config(registry, tmp_path / "cache"),
+            "prefetch_files": ["/a.bin"],
+        }
+        assert daemon.request("POST", "/api/v1/mount?mountpoint=/img", body)[0] == 204
+
+        def prefetched() -> bool:
+            metrics = daemon.request("GET", "/api/v1/metrics/blobcache?id=/img")[2]
+            return metrics["prefetch_end_time_secs"] > 0
+
+        assert wait_for(prefetched)
+        cache = daemon.request("GET", "/api/v1/metrics/blobcache?id=/img")[2]
+        assert cache["prefetch_data_amount"] > 0 and cache["prefetch_requests_count"] >= 1
+        # a.bin's four 1 MiB chunks came in fewer requests than chunks
+        assert cache["prefetch_requests_count"] < 4
+        before = daemon.request("GET", "/api/v1/metrics/backend?id=/img")[2]["read_count"]
+        assert uncached_read(daemon.mountpoint / "img" / "a.bin") == files["a.bin"]
+        assert daemon.request("GET", "/api/v1/metrics/backend?id=/img")[2]["read_count"] == before
+
+
+def test_umount_stops_a_slow_prefetch(spawn, tmp_path: Path, image) -> None:
+    result, _ = image
+    with registry_server(tmp_path / "reg", "plain") as registry:
+        registry.push_blob(REPO, Path(result.blob_path).read_bytes())
+        daemon = spawn()
+        body = {
+            "source": str(result.bootstrap),
+            "fs_type": "rafs",
+            # 64 KiB/s: the whole image would take a minute
+            "config": prefetch_config(registry, tmp_path / "cache", prefetch_all=True, bandwidth_rate=65536),
+        }
+        assert daemon.request("POST", "/api/v1/mount?mountpoint=/img", body)[0] == 204
+        assert daemon.request("DELETE", "/api/v1/mount?mountpoint=/img")[0] == 204
+        assert daemon.state() == "RUNNING"
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+        assert "still alive" not in daemon.log()

@@ -145,6 +145,7 @@ class Registry:
     password: str | None = None
     token_server: TokenServer | None = None
     redirect_url: str | None = None  # where blob reads are redirected to (nginx)
+    last_authorization: str | None = None
 
     @property
     def url(self) -> str:
@@ -180,6 +181,9 @@ class Registry:
             if status != 401 or "Authorization" in headers:
                 return status, reply_headers, data
             headers["Authorization"] = self._answer(reply_headers.get("Www-Authenticate", ""))
+            # Kept for the upload's PUT: sent without it, the registry answers 401 before
+            # reading the body and the client may see a broken pipe instead of the 401.
+            self.last_authorization = headers["Authorization"]
         return status, reply_headers, data
 
     def _answer(self, challenge: str) -> str:
@@ -203,7 +207,10 @@ class Registry:
         location = urljoin(self.url, headers["Location"])
         location += ("&" if "?" in location else "?") + f"digest={digest}"
         # Without the content type the registry parses the body as a form and rejects the digest.
-        status, _, body = self._call("PUT", location, data, {"Content-Type": "application/octet-stream"})
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.last_authorization:
+            headers["Authorization"] = self.last_authorization
+        status, _, body = self._call("PUT", location, data, headers)
         if status != 201:
             raise RuntimeError(f"failed to upload a blob to {repo}: {status} {body[:200]!r}")
         return digest

@@ -260,8 +260,37 @@ class CachedChunkSource:
             cached.end_fill(chunk, future)
         return result[0]
 
-    def _load(self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo) -> FillResult:
-        """Fetch, decode, check and store one chunk."""
+    def is_ready(self, chunk: ChunkInfo) -> bool:
+        """Tell whether a chunk is in the cache."""
+        return self._cache_of(chunk).is_ready(chunk)
+
+    def prefill(self, chunk: ChunkInfo, raw: bytes) -> bool:
+        """Store a chunk whose raw bytes a prefetch already fetched; False if cached or being filled.
+
+        Decoding, digest checks and the durability order are those of an on-demand
+        fill; an on-demand read of the same chunk meanwhile waits for this one.
+        """
+        cached = self._cache_of(chunk)
+        if cached.is_ready(chunk):
+            return False
+        future, owner = cached.begin_fill(chunk)
+        if not owner:
+            return False
+        try:
+            result = self._load(cached, self._blobs[chunk.blob_index], chunk, raw=raw)
+        except BaseException as ex:
+            future.set_exception(ex)
+            raise
+        else:
+            future.set_result(result)
+        finally:
+            cached.end_fill(chunk, future)
+        return True
+
+    def _load(
+        self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo, raw: bytes | None = None
+    ) -> FillResult:
+        """Fetch (unless `raw` is given), decode, check and store one chunk."""
         where = f"chunk {chunk.index} of blob {blob.blob_id}"
         if chunk.flags & _UNSUPPORTED_FLAGS:
             raise RafsError(f"{where} has unsupported flags 0x{chunk.flags:x}")
@@ -270,12 +299,13 @@ class CachedChunkSource:
                 f"uncompressed {where} has sizes {chunk.compressed_size} != {chunk.uncompressed_size}"
             )
         cached.check(chunk)
-        try:
-            raw = self._fetch(blob, chunk)
-        except NydusError:
-            raise
-        except Exception as ex:
-            raise RafsError(f"failed to fetch {where}: {ex}") from ex
+        if raw is None:
+            try:
+                raw = self._fetch(blob, chunk)
+            except NydusError:
+                raise
+            except Exception as ex:
+                raise RafsError(f"failed to fetch {where}: {ex}") from ex
         if len(raw) != chunk.compressed_size:
             self._data_error(f"{where}: fetched {len(raw)} bytes, expected {chunk.compressed_size}")
         if chunk.compressed:
