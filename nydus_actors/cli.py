@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nydus_actors import ctl  # noqa: PLC0415 - the client needs none of the daemon
 
         return ctl.main(argv[1:])
+    if argv and argv[0] == "supervisor":
+        from nydus_actors import supervisor  # noqa: PLC0415 - the supervisor needs none of the daemon
+
+        return supervisor.main(argv[1:])
     if argv and argv[0] == "image":
         from nydus_actors import image_cli  # noqa: PLC0415 - the builder needs none of the daemon
 

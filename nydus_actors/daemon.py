@@ -189,7 +189,9 @@ def run(options: DaemonOptions) -> int:
         cache = BlobCacheManagerActor.start(
             on_event=lambda line: daemon_box[0].record_event(line) if daemon_box else None
         ).proxy()
-        settings = DaemonSettings(id=options.id, supervisor=options.supervisor)
+        settings = DaemonSettings(
+            id=options.id, supervisor=options.supervisor, failover_policy=options.failover_policy
+        )
         daemon = DaemonActor.start(settings, fuse, lifecycle, cache).proxy()
         daemon_box.append(daemon)
         if options.upgrade or crashed:

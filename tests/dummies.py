@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pykka
 
 from nydus_actors.fs.vfs import Vfs
@@ -44,6 +46,12 @@ class DummyFuseSession(pykka.ThreadingActor):
     def replace(self, mountpoint, fs) -> int:
         self.vfs.detach(mountpoint)
         return self.vfs.attach(mountpoint, fs)
+
+    def save_state(self) -> dict:
+        return {"init": b"", "conn_id": 0, "fingerprint": "", "vfs": self.vfs.save_state()}
+
+    def dup_fd(self) -> int:
+        return os.open(os.devnull, os.O_RDONLY)
 
     def inflight(self):
         return self.busy

@@ -8,16 +8,21 @@ actor except with `tell` (`fuse_session_ended`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pykka
+from nydus_actors.upgrade import protocol
 from pykka.typing import ActorMemberMixin, proxy_method
 
+from nydus_actors import state
 from nydus_actors._lib import logs, sdnotify
+from nydus_actors.actors.fuse_session import capability_fingerprint
 from nydus_actors.events import ErrorHolder
 from nydus_actors.exceptions import (
     AlreadyExists,
@@ -78,6 +83,20 @@ class MountRecord:
         }
 
 
+def _write_control(conn_id: int, name: str) -> None:
+    """nydusd's fallback: write 1 to the connection's `resend` or `flush` control file."""
+    for root in ("/proc/sys/fs/fuse/connections", "/sys/fs/fuse/connections"):
+        path = f"{root}/{conn_id}/{name}"
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write("1")
+        except OSError:
+            continue
+        logger.info("wrote 1 to %s", path)
+        return
+    logger.warning("failed to %s fuse connection %d: no control file (vendor kernels only)", name, conn_id)
+
+
 def _record(cmd: MountCmd, fs: Any, mounted_ns: int) -> MountRecord:
     if isinstance(fs, RafsFs):
         meta = fs.image.super_meta(attr_timeout=fs.attr_timeout, entry_timeout=fs.entry_timeout)
@@ -91,6 +110,7 @@ class DaemonSettings:
 
     id: str | None = None
     supervisor: str | None = None
+    failover_policy: str = "resend"
 
 
 class DaemonActor(pykka.ThreadingActor):
@@ -121,9 +141,7 @@ class DaemonActor(pykka.ThreadingActor):
             self._fuse.stop_serving().get(timeout=FUSE_TIMEOUT)
             self._fuse.unmount().get(timeout=FUSE_TIMEOUT)
         elif action is Action.RESTORE:
-            if self._settings.supervisor is None:
-                raise UpgradeManagerError("MissingSupervisorPath")
-            raise Unsupported  # takeover through a supervisor is not built yet
+            self._restore()
         # NONE and STOP_STATE_MACHINE have nothing to do here.
 
     def _fire(self, event: Input) -> DaemonState:
@@ -187,12 +205,108 @@ class DaemonActor(pykka.ThreadingActor):
         self._fire(Input.TAKEOVER)
 
     def do_send_fd(self) -> None:
-        """`PUT /api/v1/daemon/fuse/sendfd`."""
+        """`PUT /api/v1/daemon/fuse/sendfd`: hand the state and the /dev/fuse fd to the supervisor.
+
+        No state transition: the daemon keeps serving. The snapshotter calls this
+        after start, after every mount change and after its own restart.
+        """
         if not self._fuse.initialized().get(timeout=FUSE_TIMEOUT):
             raise NotReady
         if self._settings.supervisor is None:
             raise UpgradeManagerError("MissingSupervisorPath")
-        raise Unsupported  # handing state to a supervisor is not built yet
+        started = time.perf_counter()
+        data = self._save_state()
+        fd = self._fuse.dup_fd().get(timeout=FUSE_TIMEOUT)
+        try:
+            protocol.send_state(self._settings.supervisor, data, fd)
+        finally:
+            os.close(fd)
+        logger.info(
+            "upgrade step sendfd: daemon %s sent %d bytes of state and the fuse fd to %s in %.1f ms",
+            self._settings.id,
+            len(data),
+            self._settings.supervisor,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _save_state(self) -> bytes:
+        fuse = self._fuse.save_state().get(timeout=FUSE_TIMEOUT)
+        vfs = fuse.pop("vfs")
+        mounts = []
+        for mp, record in self._mounts.items():
+            cmd = record.cmd
+            mounts.append(
+                {
+                    "mountpoint": mp,
+                    "fs_type": cmd.fs_type.value,
+                    "source": cmd.source,
+                    "config": cmd.config,
+                    "prefetch_files": list(cmd.prefetch_files),
+                    "mounted_ns": record.mounted_ns,
+                    **vfs.get(mp, {}),
+                }
+            )
+        return state.encode({"id": self._settings.id}, fuse, mounts, {})
+
+    def _restore(self) -> None:
+        """The takeover: fetch state and fd, check them, adopt the connection, restore every mount."""
+        if self._settings.supervisor is None:
+            raise UpgradeManagerError("MissingSupervisorPath")
+        started = time.perf_counter()
+        data, fd = protocol.receive_state(self._settings.supervisor)
+        adopted = False
+        try:
+            envelope = state.decode(data)
+            fuse = envelope["fuse"]
+            theirs, ours = fuse.get("fingerprint"), capability_fingerprint()
+            if theirs != ours:
+                raise UpgradeManagerError(f'Incompatible("fuse capabilities differ: {theirs} != {ours}")')
+            self._fuse.adopt(fd, fuse["init"], fuse["conn_id"]).get(timeout=FUSE_TIMEOUT)
+            adopted = True
+            for entry in envelope["mounts"]:
+                self._restore_mount(entry)
+        except BaseException:
+            for mp in list(self._mounts):
+                with contextlib.suppress(Exception):
+                    self.umount(mp)
+            if adopted:
+                self._fuse.release_connection().get(timeout=FUSE_TIMEOUT)
+            else:
+                os.close(fd)
+            raise
+        self._drain(fuse["conn_id"])
+        logger.info(
+            "upgrade step takeover: daemon %s restored %d mounts from %s in %.1f ms",
+            self._settings.id,
+            len(self._mounts),
+            self._settings.supervisor,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _restore_mount(self, entry: dict[str, Any]) -> None:
+        cmd = MountCmd(
+            fs_type=FsType(entry["fs_type"]),
+            source=entry["source"],
+            config=entry["config"],
+            mountpoint=entry["mountpoint"],
+            prefetch_files=tuple(entry.get("prefetch_files", ())),
+        )
+        fs = open_filesystem(cmd, self._source_opener(cmd))
+        fs.restore_state(entry.get("fs", {}))
+        record = _record(cmd, fs, int(entry.get("mounted_ns", time.time_ns())))
+        self._fuse.attach(cmd.mountpoint, fs, slot=entry.get("slot"), inos=entry.get("inos")).get(
+            timeout=FUSE_TIMEOUT
+        )
+        self._mounts[cmd.mountpoint] = record
+
+    def _drain(self, conn_id: int) -> None:
+        """Requests the previous daemon read but never answered, per `--failover-policy`."""
+        policy = self._settings.failover_policy
+        if policy == "resend":
+            if not self._fuse.notify_resend().get(timeout=FUSE_TIMEOUT):
+                _write_control(conn_id, "resend")
+        elif policy == "flush":
+            _write_control(conn_id, "flush")
 
     def state(self) -> DaemonState:
         return self._fsm.state

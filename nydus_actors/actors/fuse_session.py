@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
 import socket
+import stat
+import struct
 import threading
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -349,16 +352,84 @@ class FuseSessionActor(pykka.ThreadingActor):
             self._kernel = None
             self._initialized = False
 
-    def attach(self, mountpoint: str, fs: Filesystem, *, slot: int | None = None) -> int:
+    def attach(
+        self, mountpoint: str, fs: Filesystem, *, slot: int | None = None, inos: list | None = None
+    ) -> int:
         """Attach `fs` at `mountpoint` in the VFS; return its slot.
 
         The session owns `fs` from now on: it is closed on failure or detach.
+        A takeover passes the previous daemon's `slot` and remapped `inos`.
         """
+
+        def attach() -> int:
+            attached = self._vfs.attach(mountpoint, fs, slot=slot)
+            if inos:
+                self._vfs.restore_inos(mountpoint, inos)
+            return attached
+
         try:
-            return self._in_loop(functools.partial(self._vfs.attach, mountpoint, fs, slot=slot))
+            return self._in_loop(attach)
         except BaseException:
             fs.close()
             raise
+
+    # -- handover ----------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """The FUSE slice of the handover state: INIT bytes, connection, mounts' VFS state."""
+        if self._kernel is None:
+            raise OtherError("failed to save fuse state: no fuse connection")
+        return {
+            "init": self._kernel.init_bytes,
+            "conn_id": self._kernel.conn_id,
+            "fingerprint": capability_fingerprint(),
+            "vfs": self._in_loop(self._vfs.save_state),
+        }
+
+    def dup_fd(self) -> int:
+        """A new fd of the /dev/fuse connection, for the supervisor (the caller closes it)."""
+        if self._kernel is None:
+            raise OtherError("failed to export the fuse connection: not mounted")
+        return os.dup(self._kernel.fd)
+
+    def adopt(self, fd: int, init_bytes: bytes, conn_id: int) -> None:
+        """Take a connection a previous daemon handed over, instead of mounting.
+
+        `start_serving` then replays `init_bytes` into libfuse exactly as on a
+        fresh mount (design §4); the kernel, which answered that INIT long ago,
+        ignores the reply.
+        """
+        if self._kernel is not None:
+            raise OtherError("failed to adopt a fuse connection: this session already has one")
+        st = os.fstat(fd)
+        if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (10, 229):
+            raise OtherError("failed to adopt a fuse connection: the fd received is not /dev/fuse")
+        path = os.path.abspath(self._mountpoint)  # never stat()ed: nobody serves it yet
+        self._kernel = kernel.KernelMount(fd=fd, mountpoint=path, init_bytes=init_bytes, conn_id=conn_id)
+        logger.info("adopted fuse connection %d at %s", conn_id, path)
+
+    def release_connection(self) -> None:
+        """Forget an adopted connection without unmounting (a takeover that failed)."""
+        self.stop_serving()
+        if self._kernel is not None:
+            os.close(self._kernel.fd)
+            self._kernel = None
+            self._initialized = False
+
+    def notify_resend(self) -> bool:
+        """Ask the kernel to queue again the requests a dead daemon read but never answered.
+
+        FUSE_NOTIFY_RESEND (Linux 6.9+): an out-header alone, error = 7, unique = 0.
+        """
+        if self._kernel is None:
+            return False
+        try:
+            os.write(self._kernel.fd, struct.pack("<IiQ", 16, 7, 0))
+        except OSError as ex:
+            logger.warning("failed to notify the kernel to resend requests: %s", ex.strerror)
+            return False
+        logger.info("kernel asked to resend interrupted requests")
+        return True
 
     def detach(self, mountpoint: str) -> None:
         """Detach the filesystem at `mountpoint` and invalidate its kernel entries."""
@@ -413,6 +484,22 @@ class FuseSessionActor(pykka.ThreadingActor):
         return self._loop.run_sync(fn)
 
 
+def capability_fingerprint() -> str:
+    """What the INIT negotiation depends on: libfuse, pyfuse3 and the capability wants.
+
+    A takeover replays the old daemon's INIT into this process's libfuse; if
+    either side would negotiate differently the connection would be misread.
+    """
+    try:
+        libfuse = ctypes.CDLL("libfuse3.so.3").fuse_version()
+    except (OSError, AttributeError):
+        libfuse = 0
+    return (
+        f"libfuse={libfuse};pyfuse3={pyfuse3.__version__};dot_lookup={VfsOperations.supports_dot_lookup};"
+        f"writeback={VfsOperations.enable_writeback_cache};acl={VfsOperations.enable_acl}"
+    )
+
+
 def _set_read_ahead(conn_id: int, kib: int) -> None:
     """Set the read-ahead of the FUSE connection's bdi (`/sys/class/bdi/<major>:<minor>`)."""
     path = f"/sys/class/bdi/{conn_id >> 20}:{conn_id & 0xFFFFF}/read_ahead_kb"
@@ -437,6 +524,11 @@ class FuseSessionProxy(ActorMemberMixin, pykka.ActorProxy[FuseSessionActor]):
     attach = proxy_method(FuseSessionActor.attach)
     detach = proxy_method(FuseSessionActor.detach)
     replace = proxy_method(FuseSessionActor.replace)
+    save_state = proxy_method(FuseSessionActor.save_state)
+    dup_fd = proxy_method(FuseSessionActor.dup_fd)
+    adopt = proxy_method(FuseSessionActor.adopt)
+    notify_resend = proxy_method(FuseSessionActor.notify_resend)
+    release_connection = proxy_method(FuseSessionActor.release_connection)
     slots = proxy_method(FuseSessionActor.slots)
     inflight = proxy_method(FuseSessionActor.inflight)
     initialized = proxy_method(FuseSessionActor.initialized)

@@ -180,5 +180,13 @@ class Filesystem(abc.ABC):
     def listxattr(self, ino: int) -> list[bytes]:
         """Return the names of the extended attributes of `ino`."""
 
+    def save_state(self) -> dict:
+        """What a next daemon needs to answer for this filesystem's inodes (msgpack-able)."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Take over the state `save_state` of a previous daemon returned."""
+        del state
+
     def close(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Release host resources; called once when the filesystem is detached."""

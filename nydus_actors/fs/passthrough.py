@@ -13,6 +13,7 @@ import stat
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from nydus_actors.exceptions import OtherError
 from nydus_actors.fs.base import DirEntry, Filesystem, InodeAttr, StatFs
 from nydus_actors.models import FsType
 
@@ -268,6 +269,28 @@ class PassthroughFs(Filesystem):
 
     # -- helpers ---------------------------------------------------------------
 
+    def save_state(self) -> dict:
+        """The inodes the kernel knows: their paths, host identity and lookup counts.
+
+        After a takeover the kernel keeps using these inode numbers without
+        looking them up again, so the next daemon must know their paths.
+        """
+        return {
+            "root": self._root,
+            "nodes": [[ino, n.rel, n.dev, n.ino, n.nlookup] for ino, n in self._nodes.items()],
+        }
+
+    def restore_state(self, state: dict) -> None:
+        if state.get("root") != self._root:
+            raise OtherError(f"failed to restore passthrough state: it is of {state.get('root')!r}")
+        for ino, rel, dev, host_ino, nlookup in state.get("nodes", []):
+            node = self._nodes.get(ino)
+            if node is None:
+                node = _Node.__new__(_Node)
+                node.rel, node.dev, node.ino, node.nlookup = bytes(rel), dev, host_ino, 0
+                self._nodes[ino] = node
+            node.nlookup = max(node.nlookup, nlookup)
+
     def _ino_of(self, st: os.stat_result) -> int:
         # Host inode numbers are unique per device only; other devices (mounts
         # below the source) get the device folded in above bit 64.
@@ -281,8 +304,38 @@ class PassthroughFs(Filesystem):
     def _node(self, ino: int) -> _Node:
         node = self._nodes.get(ino)
         if node is None:
-            raise _error(errno.ENOENT, f"inode {ino} was never looked up")
+            node = self._recover(ino)
+            if node is None:
+                raise _error(errno.ENOENT, f"inode {ino} was never looked up")
         return node
+
+    def _recover(self, ino: int) -> _Node | None:
+        """Find an inode the kernel names but this process never looked up.
+
+        After a failover the kernel keeps node ids the dead daemon handed out
+        after its last state save. Inode numbers are the host's, so the path can
+        be found again by walking the shared directory; every inode seen on the
+        way is remembered for the next miss. Only inodes on the root's device are
+        searched (others carry the device in their number).
+        """
+        if ino >= 1 << 64:
+            return None
+        for dirpath, dirnames, filenames in os.walk(self._root):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if st.st_dev != self._root_dev:
+                    continue
+                rel = os.path.relpath(path, self._root)
+                if st.st_ino not in self._nodes:
+                    self._nodes[st.st_ino] = _Node(rel, st)
+                if st.st_ino == ino:
+                    logger.info("passthrough: recovered inode %d at %s", ino, os.fsdecode(rel))
+                    return self._nodes[ino]
+        return None
 
     def _lstat(self, node: _Node) -> os.stat_result:
         st = os.lstat(self._path(node.rel))

@@ -115,6 +115,15 @@ class _InoMap:
         self._to_ino[mapped] = ino
         return mapped
 
+    def pairs(self) -> list[list[int]]:
+        """The remapped numbers, as [node part, inode] pairs."""
+        return [[mapped, ino] for mapped, ino in self._to_ino.items()]
+
+    def restore(self, pairs: list) -> None:
+        for mapped, ino in pairs:
+            self._to_node[ino] = mapped
+            self._to_ino[mapped] = ino
+
     def to_ino(self, inner: int) -> int | None:
         if inner >= _REMAP_BASE:
             return self._to_ino.get(inner)
@@ -277,6 +286,20 @@ class Vfs:
     def slots(self) -> dict[str, int]:
         """Return the slot of every attached filesystem, by mountpoint."""
         return {path: mount.slot for path, mount in self._mounts.items()}
+
+    def save_state(self) -> dict[str, dict]:
+        """Per mountpoint: slot, remapped inode numbers and the filesystem's own state."""
+        return {
+            path: {"slot": mount.slot, "inos": mount.inos.pairs(), "fs": mount.fs.save_state()}
+            for path, mount in self._mounts.items()
+        }
+
+    def restore_inos(self, path: str, pairs: list) -> None:
+        """Take over the remapped inode numbers of a previous daemon's mount at `path`."""
+        mount = self._mounts.get(path)
+        if mount is None:
+            raise NotFound
+        mount.inos.restore(pairs)
 
     def close(self) -> None:
         """Close every attached filesystem and forget them."""

@@ -192,14 +192,20 @@ def test_empty_body_counts_as_no_body(stack: Stack) -> None:
     assert error_of(result) == 'Upgrade(DaemonAbnormal(UnexpectedEvent("Takeover")))'
 
 
+NO_SUPERVISOR = (
+    'Upgrade(DaemonAbnormal(UpgradeManager("StorageBackendError(CreateUnixStream(Os { code: 2, '
+    'kind: NotFound, message: \\"No such file or directory\\" }))")))'
+)
+
+
 def test_sendfd(stack: Stack) -> None:
     result = stack.call("PUT", "/api/v1/daemon/fuse/sendfd")
     assert result.status_code == 500
     assert error_of(result) == 'Upgrade(DaemonAbnormal(UpgradeManager("MissingSupervisorPath")))'
-    with_supervisor = Stack(supervisor="/run/sup.sock")
+    with_supervisor = Stack(supervisor="/nonexistent/sup.sock")
     result = with_supervisor.call("PUT", "/api/v1/daemon/fuse/sendfd")
-    assert result.status_code == 501 and error_of(result) == "Upgrade(DaemonAbnormal(Unsupported))"
-    not_serving = Stack(supervisor="/run/sup.sock", boot=False)
+    assert result.status_code == 500 and error_of(result) == NO_SUPERVISOR
+    not_serving = Stack(supervisor="/nonexistent/sup.sock", boot=False)
     result = not_serving.call("PUT", "/api/v1/daemon/fuse/sendfd")
     assert result.status_code == 503 and error_of(result) == "Upgrade(DaemonAbnormal(NotReady))"
 
@@ -213,9 +219,10 @@ def test_takeover(stack: Stack) -> None:
     assert result.status_code == 500
     assert error_of(result) == 'Upgrade(DaemonAbnormal(UpgradeManager("MissingSupervisorPath")))'
     assert waiting.call("GET", "/api/v1/daemon").json["state"] == "INIT"  # a failed action does not move
-    waiting = Stack(supervisor="/run/sup.sock", boot=False)
+    waiting = Stack(supervisor="/nonexistent/sup.sock", boot=False)
     result = waiting.call("PUT", "/api/v1/daemon/fuse/takeover")
-    assert result.status_code == 501 and error_of(result) == "Upgrade(DaemonAbnormal(Unsupported))"
+    assert result.status_code == 500 and error_of(result) == NO_SUPERVISOR
+    assert waiting.call("GET", "/api/v1/daemon").json["state"] == "INIT"
 
 
 def test_exit_stops_serving_without_unmount(stack: Stack) -> None:

@@ -42,9 +42,16 @@ def force_unmount(path: str | Path) -> None:
 class Daemon:
     """One daemon process with its own mountpoint, API socket and log file."""
 
-    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None, name: str = "d") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        name: str = "d",
+        mountpoint: Path | None = None,
+    ) -> None:
         self.root = root
-        self.mountpoint = root / f"{name}-mnt"
+        self.mountpoint = mountpoint or root / f"{name}-mnt"
         if not is_mounted(self.mountpoint):  # a crashed daemon's mount must not be stat()ed
             self.mountpoint.mkdir(exist_ok=True)
         self.apisock = root / f"{name}-api.sock"
@@ -134,13 +141,16 @@ def spawn(tmp_path: Path):
     """Start daemons; every one is stopped and unmounted when the test ends."""
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, name: str = "d") -> Daemon:
-        daemon = Daemon(tmp_path, *args, env=env, name=name)
+    def start(
+        *args: str, env: dict[str, str] | None = None, name: str = "d", mountpoint: Path | None = None
+    ) -> Daemon:
+        daemon = Daemon(tmp_path, *args, env=env, name=name, mountpoint=mountpoint)
         started.append(daemon)
         return daemon
 
     try:
         yield start
     finally:
-        for daemon in started:
+        # newest first: after a takeover the newest daemon serves the mount
+        for daemon in reversed(started):
             daemon.stop()
