@@ -25,7 +25,7 @@ from nydus_actors.storage.backends.factory import open_backend
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource, shared_registry
 from nydus_actors.storage.direct import DirectChunkSource
 from nydus_actors.storage.objects import BlobObjects, EinvalError
-from nydus_actors.storage.prefetch import Prefetcher, chunks_of, files_to_nids, table_nids
+from nydus_actors.storage.prefetch import AmplifiedSource, Prefetcher, chunks_of, files_to_nids, table_nids
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,11 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
                     registry=shared_registry(work_dir),
                     metrics=metrics,
                 )
-                mount = _Mount(source, pool, config.id or mount_id, metrics, work_dir)
-                mount.prefetcher = _prefetcher(
+                prefetcher = _prefetcher(
                     mount_id, image, config, source, pool, files=prefetch_files, metrics=metrics
                 )
+                source = AmplifiedSource(image, source, pool.read_range)
+                mount = _Mount(source, pool, config.id or mount_id, metrics, work_dir, prefetcher)
                 self._mounts[mount_id] = mount
                 if mount.prefetcher is not None:
                     mount.prefetcher.start()

@@ -22,6 +22,9 @@ from nydus_actors.metrics import FsIoStats, StatsFop
 from nydus_actors.models import FsType
 from nydus_actors.rafs import ChunkSource, Inode, LocalBlobSource, LocalDeviceReader, RafsImage, read_file
 
+#: The largest window a sequential stream of missed reads fetches ahead.
+MAX_WINDOW = 8 * 1024 * 1024
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 
@@ -94,6 +97,10 @@ class RafsFs(Filesystem):
         self._source = source
         self._devices: LocalDeviceReader | None = None
         self._cached = getattr(source, "read_extents_cached", None)
+        self._fill_window = getattr(source, "fill_window", None)
+        self._batch = max(int(config.rafs["batch_size"]), 0)
+        # per inode: where the last missed read ended and the window it used
+        self._streams: dict[int, tuple[int, int]] = {}
         self._extents_reader = getattr(source, "read_extents", None)
         # local blob files never wait on the network: read them in the FUSE loop
         self._local = isinstance(source, LocalBlobSource)
@@ -192,7 +199,26 @@ class RafsFs(Filesystem):
             op.size = len(data)
             return data
 
+    def _amplify(self, ino: int, off: int, size: int) -> None:
+        """Before a missed read, fetch the file's next window in merged requests.
+
+        The window starts at `rafs.batch_size` (nydusd's `amplify_io`) and doubles,
+        up to `MAX_WINDOW`, while misses of the file follow one another, like the
+        kernel's own read-ahead.
+        """
+        last = self._streams.get(ino)
+        window = max(size, self._batch)
+        sequential = last is not None and last[0] == off
+        if sequential:
+            window = min(max(window, last[1] * 2), MAX_WINDOW)
+        if len(self._streams) > 4096:
+            self._streams.clear()
+        self._streams[ino] = (off + window, window)
+        self._fill_window(ino, off, window, ahead=sequential)
+
     def read(self, ino: int, off: int, size: int) -> bytes:
+        if self._fill_window is not None:
+            self._amplify(ino, off, size)
         with _Counted(self.stats, StatsFop.READ, ino) as op:
             try:
                 if self._extents_reader is not None:

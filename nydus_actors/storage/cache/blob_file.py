@@ -114,6 +114,16 @@ class CachedBlob:
         Returns False if the chunk was ready already. Raises OSError when the cache file
         cannot be written; the chunk then stays not ready.
         """
+        if not self.write(chunk, data):
+            return False
+        self.sync()
+        return self.map.mark_ready(chunk.index)
+
+    def write(self, chunk: ChunkInfo, data: bytes) -> bool:
+        """Write a chunk's bytes without marking it; False if it is ready already.
+
+        Several writes may share one `sync()` before their `mark_ready` calls.
+        """
         self.check(chunk)
         if len(data) != chunk.uncompressed_size:
             raise RafsError(
@@ -127,10 +137,19 @@ class CachedBlob:
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
-        # The order is the whole crash-safety argument: the bytes reach the disk before the
-        # bit that vouches for them, so a crash at any point leaves at worst an unset bit
-        # over good bytes (fetched again), never a set bit over missing ones.
+        return True
+
+    def sync(self) -> None:
+        """Make the written bytes durable.
+
+        The order is the whole crash-safety argument: the bytes reach the disk before the
+        bit that vouches for them, so a crash at any point leaves at worst an unset bit
+        over good bytes (fetched again), never a set bit over missing ones.
+        """
         os.fdatasync(self._fd)
+
+    def mark_ready(self, chunk: ChunkInfo) -> bool:
+        """Set a chunk's ready bit; only after `sync()` covered its bytes."""
         return self.map.mark_ready(chunk.index)
 
     def begin_fill(self, chunk: ChunkInfo) -> tuple[Future[FillResult], bool]:

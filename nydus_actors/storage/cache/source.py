@@ -36,6 +36,10 @@ _UNSUPPORTED_FEATURES = {
 _UNSUPPORTED_FLAGS = CHUNK_FLAG_ENCRYPTED | CHUNK_FLAG_BATCH
 
 
+#: Reads `size` raw bytes of a blob at `offset` from the backend.
+FetchRange = Callable[[str, int, int], bytes]
+
+
 class BlobCacheRegistry:
     """The open `CachedBlob`s of one work directory, reference-counted by blob id.
 
@@ -264,40 +268,12 @@ class CachedChunkSource:
         """Tell whether a chunk is in the cache."""
         return self._cache_of(chunk).is_ready(chunk)
 
-    def prefill(self, chunk: ChunkInfo, raw: bytes) -> bool:
-        """Store a chunk whose raw bytes a prefetch already fetched; False if cached or being filled.
-
-        Decoding, digest checks and the durability order are those of an on-demand
-        fill; an on-demand read of the same chunk meanwhile waits for this one.
-        """
-        cached = self._cache_of(chunk)
-        if cached.is_ready(chunk):
-            return False
-        future, owner = cached.begin_fill(chunk)
-        if not owner:
-            return False
-        try:
-            result = self._load(cached, self._blobs[chunk.blob_index], chunk, raw=raw)
-        except BaseException as ex:
-            future.set_exception(ex)
-            raise
-        else:
-            future.set_result(result)
-        finally:
-            cached.end_fill(chunk, future)
-        return True
-
     def _load(
         self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo, raw: bytes | None = None
     ) -> FillResult:
         """Fetch (unless `raw` is given), decode, check and store one chunk."""
         where = f"chunk {chunk.index} of blob {blob.blob_id}"
-        if chunk.flags & _UNSUPPORTED_FLAGS:
-            raise RafsError(f"{where} has unsupported flags 0x{chunk.flags:x}")
-        if not chunk.compressed and chunk.compressed_size != chunk.uncompressed_size:
-            raise RafsError(
-                f"uncompressed {where} has sizes {chunk.compressed_size} != {chunk.uncompressed_size}"
-            )
+        _precheck(where, chunk)
         cached.check(chunk)
         if raw is None:
             try:
@@ -306,6 +282,19 @@ class CachedChunkSource:
                 raise
             except Exception as ex:
                 raise RafsError(f"failed to fetch {where}: {ex}") from ex
+        data = self._decode(blob, chunk, raw)
+        try:
+            if cached.store(chunk, data):
+                self.refresh_metrics()
+        except OSError as ex:
+            # The bytes are good; only keeping them failed. The read is served and the next
+            # one fetches again.
+            self._report(f"failed to write {where} to cache file {cached.data_path}: {ex.strerror}")
+        return data, self._validate
+
+    def _decode(self, blob: BlobInfo, chunk: ChunkInfo, raw: bytes) -> bytes:
+        """Check the length, decompress and (with validation) verify one fetched chunk."""
+        where = f"chunk {chunk.index} of blob {blob.blob_id}"
         if len(raw) != chunk.compressed_size:
             self._data_error(f"{where}: fetched {len(raw)} bytes, expected {chunk.compressed_size}")
         if chunk.compressed:
@@ -317,14 +306,61 @@ class CachedChunkSource:
             data = bytes(raw)
         if self._validate:
             self._verify(blob, chunk, data)
+        return data
+
+    def fill_many(self, chunks: Sequence[ChunkInfo], fetch_range: FetchRange) -> int:
+        """Bring several chunks of one blob in with merged fetches and one sync; return how many.
+
+        `chunks` are in blob order and close together (see `prefetch.batches`).
+        Each chunk is claimed BEFORE anything is fetched, so a concurrent miss of
+        the same chunk waits for this fill instead of fetching it again; chunks
+        already cached or claimed by another fill are left to it. A chunk that
+        fails to decode or verify is reported and left out; the others are kept.
+        """
+        owned = []
+        for chunk in chunks:
+            cached = self._cache_of(chunk)
+            if cached.is_ready(chunk):
+                continue
+            future, owner = cached.begin_fill(chunk)
+            if owner:
+                owned.append((cached, chunk, future))
+        written = []
         try:
-            if cached.store(chunk, data):
-                self.refresh_metrics()
-        except OSError as ex:
-            # The bytes are good; only keeping them failed. The read is served and the next
-            # one fetches again.
-            self._report(f"failed to write {where} to cache file {cached.data_path}: {ex.strerror}")
-        return data, self._validate
+            for run in _contiguous(owned):
+                first, last = run[0][1], run[-1][1]
+                blob = self._blobs[first.blob_index]
+                start = first.compressed_offset
+                raw = memoryview(
+                    fetch_range(blob.blob_id, start, last.compressed_offset + last.compressed_size - start)
+                )
+                for cached, chunk, future in run:
+                    try:
+                        _precheck(f"chunk {chunk.index} of blob {blob.blob_id}", chunk)
+                        cached.check(chunk)
+                        offset = chunk.compressed_offset - start
+                        data = self._decode(blob, chunk, raw[offset : offset + chunk.compressed_size])
+                        cached.write(chunk, data)
+                    except RafsError as ex:
+                        future.set_exception(ex)
+                        continue
+                    written.append((cached, chunk, data, future))
+            for cached in {id(c): c for c, *_ in written}.values():
+                cached.sync()
+            for cached, chunk, data, future in written:
+                cached.mark_ready(chunk)
+                future.set_result((data, self._validate))
+        except BaseException as ex:
+            for _, _, future in owned:
+                if not future.done():
+                    future.set_exception(ex)
+            raise
+        finally:
+            for cached, chunk, future in owned:
+                cached.end_fill(chunk, future)
+        if written:
+            self.refresh_metrics()
+        return len(written)
 
     def _verify(self, blob: BlobInfo, chunk: ChunkInfo, data: bytes) -> None:
         if chunk_digest(data, blob.digester) != chunk.digest:
@@ -362,6 +398,31 @@ class CachedChunkSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _contiguous(owned: list) -> list[list]:
+    """Split claimed chunks where a gap or another blob breaks the run (each run is one fetch)."""
+    runs: list[list] = []
+    for item in owned:
+        chunk = item[1]
+        if runs:
+            last = runs[-1][-1][1]
+            end = last.compressed_offset + last.compressed_size
+            if chunk.blob_index == last.blob_index and 0 <= chunk.compressed_offset - end <= 128 * 1024:
+                runs[-1].append(item)
+                continue
+        runs.append([item])
+    return runs
+
+
+def _precheck(where: str, chunk: ChunkInfo) -> None:
+    """Refuse chunk kinds this cache cannot hold, before fetching them."""
+    if chunk.flags & _UNSUPPORTED_FLAGS:
+        raise RafsError(f"{where} has unsupported flags 0x{chunk.flags:x}")
+    if not chunk.compressed and chunk.compressed_size != chunk.uncompressed_size:
+        raise RafsError(
+            f"uncompressed {where} has sizes {chunk.compressed_size} != {chunk.uncompressed_size}"
+        )
 
 
 def _refusal(blob: BlobInfo) -> str | None:
