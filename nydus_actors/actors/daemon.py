@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pykka
-from nydus_actors.upgrade import protocol
 from pykka.typing import ActorMemberMixin, proxy_method
 
 from nydus_actors import state
@@ -40,6 +39,7 @@ from nydus_actors.lifecycle import Lifecycle, ShutdownReason
 from nydus_actors.metrics import FsIoStats
 from nydus_actors.models import DaemonState, FsType, InflightRequest, MountCmd
 from nydus_actors.state_machine import Action, DaemonStateMachine, Input
+from nydus_actors.upgrade import protocol
 from nydus_actors.version import build_info
 
 logger = logging.getLogger(__name__)
@@ -171,10 +171,21 @@ class DaemonActor(pykka.ThreadingActor):
 
     def do_start(self) -> None:
         """`PUT /api/v1/daemon/start`."""
+        started = time.perf_counter()
         self._fire(Input.START)
+        self._log_step("start", started)
+
+    def _log_step(self, step: str, started: float) -> None:
+        logger.info(
+            "upgrade step %s: daemon %s done in %.1f ms",
+            step,
+            self._settings.id,
+            (time.perf_counter() - started) * 1000,
+        )
 
     def do_exit(self) -> None:
         """`PUT /api/v1/daemon/exit`: stop serving without unmounting, then end the process."""
+        started = time.perf_counter()
         state = self._fsm.state
         if state is not DaemonState.STOPPED:
             if state is DaemonState.INIT:
@@ -183,6 +194,7 @@ class DaemonActor(pykka.ThreadingActor):
                 if state is DaemonState.RUNNING:
                     self._fire(Input.STOP)
                 self._fire(Input.EXIT)
+        self._log_step("exit", started)
         self._lifecycle.request_shutdown(ShutdownReason.EXIT)
 
     def do_stop(self) -> None:
