@@ -1,6 +1,7 @@
 """`nydus-actors ctl`: a nydusctl-like client for the nydusd HTTP API on a unix socket.
 
 Requests follow the nydusd API reference (§2, §8.2); output is human-readable unless `--raw` is given.
+`upgrade` runs the snapshotter's whole hot-upgrade sequence (reference §5.7, `upgrade.rehearsal`).
 """
 
 import argparse
@@ -9,6 +10,7 @@ import http
 import http.client
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from nydus_actors._lib.uds_http import DEFAULT_TIMEOUT, UdsHttpClient
+from nydus_actors.upgrade import rehearsal
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,22 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("events", parents=[common], help="show recorded backend errors")
     commands.add_parser("start", parents=[common], help="start serving after a takeover (-> RUNNING)")
     commands.add_parser("exit", parents=[common], help="exit without unmounting (hot upgrade)")
+
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="hot-upgrade the daemon: a new daemon process takes over its mount",
+        description="Run the whole hot upgrade against the RUNNING daemon on --sock: sendfd, start a new "
+        "daemon with --upgrade, takeover, exit the old one, start the new one. Prints every step's duration.",
+    )
+    upgrade.add_argument(
+        "--supervisor", required=True, help="the supervisor socket the daemon was started with"
+    )
+    upgrade.add_argument("--new-sock", help="API socket of the new daemon (default: --sock with .1, .2, ...)")
+    upgrade.add_argument(
+        "--daemon-cmd",
+        help="command of the new daemon, one shell-quoted string (default: this program with the old "
+        "daemon's arguments); --apisock and --upgrade are added when missing",
+    )
     return parser
 
 
@@ -133,6 +152,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--id does not apply to inflight metrics")
         if args.latest and args.category != "files":
             parser.error("--latest applies only to files metrics")
+    if args.command == "upgrade" and args.daemon_cmd is not None:
+        try:
+            args.daemon_cmd = shlex.split(args.daemon_cmd)
+        except ValueError as ex:
+            parser.error(f"--daemon-cmd: {ex}")
+        if not args.daemon_cmd:
+            parser.error("--daemon-cmd is empty")
 
 
 def _positive_float(text: str) -> float:
@@ -287,6 +313,22 @@ def _cmd_exit(client: UdsHttpClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upgrade(client: UdsHttpClient, args: argparse.Namespace) -> int:
+    del client  # the rehearsal talks to the old and the new daemon with clients of its own
+    try:
+        rehearsal.hot_upgrade(
+            args.sock,
+            args.supervisor,
+            args.daemon_cmd,
+            args.new_sock,
+            log=lambda line: print(line, flush=True),  # a step can take seconds: show each at once
+            timeout=args.timeout,
+        )
+    except rehearsal.UpgradeFailed as ex:
+        raise CtlError(f"upgrade failed at step {ex.step} ({rehearsal.STEPS[ex.step]}): {ex.error}") from None
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[UdsHttpClient, argparse.Namespace], int]] = {
     "info": _cmd_info,
     "mount": _cmd_mount,
@@ -295,6 +337,7 @@ _COMMANDS: dict[str, Callable[[UdsHttpClient, argparse.Namespace], int]] = {
     "events": _cmd_events,
     "start": _cmd_start,
     "exit": _cmd_exit,
+    "upgrade": _cmd_upgrade,
 }
 
 

@@ -241,4 +241,12 @@ def run(options: DaemonOptions) -> int:
         logging.shutdown()
         os._exit(code or 1)
     logger.info("all actors and threads stopped; exit %d", code)
+    if reason is ShutdownReason.EXIT:
+        # A hot upgrade waits for this process to end before starting the new daemon;
+        # with every thread stopped and the logs flushed, the interpreter's own
+        # teardown (~60 ms of module cleanup) has nothing left to do.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code

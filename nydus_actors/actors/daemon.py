@@ -128,12 +128,20 @@ class DaemonActor(pykka.ThreadingActor):
         self._config: dict[str, str] = {}
         self._api_ready = False
         self._ready_notified = False
+        # a taken-over connection whose interrupted requests are to be resent once serving
+        self._drain_conn: int | None = None
 
     # -- state machine ------------------------------------------------------
 
     def _run_action(self, action: Action) -> None:
         if action is Action.START_SERVICE:
             self._fuse.start_serving().get(timeout=FUSE_TIMEOUT)
+            if self._drain_conn is not None:
+                # Only now: the previous daemon has exited (or died), so the kernel's
+                # requests it had read and not answered can be given to this one without
+                # taking live requests away from it.
+                self._drain(self._drain_conn)
+                self._drain_conn = None
             self._notify_ready()
         elif action is Action.TERMINATE_SERVICE:
             self._fuse.stop_serving().get(timeout=FUSE_TIMEOUT)
@@ -286,7 +294,7 @@ class DaemonActor(pykka.ThreadingActor):
             else:
                 os.close(fd)
             raise
-        self._drain(fuse["conn_id"])
+        self._drain_conn = fuse["conn_id"]
         logger.info(
             "upgrade step takeover: daemon %s restored %d mounts from %s in %.1f ms",
             self._settings.id,
