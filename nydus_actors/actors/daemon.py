@@ -285,7 +285,10 @@ class DaemonActor(pykka.ThreadingActor):
             adopted = True
             for entry in envelope["mounts"]:
                 self._restore_mount(entry)
-        except BaseException:
+        except BaseException as ex:
+            logger.error(
+                "upgrade step takeover: daemon %s failed, staying in INIT: %s", self._settings.id, ex
+            )
             for mp in list(self._mounts):
                 with contextlib.suppress(Exception):
                     self.umount(mp)
