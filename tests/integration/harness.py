@@ -154,3 +154,34 @@ def spawn(tmp_path: Path):
         # newest first: after a takeover the newest daemon serves the mount
         for daemon in reversed(started):
             daemon.stop()
+
+
+@contextlib.contextmanager
+def run_supervisor(path: Path):
+    """`nydus-actors supervisor --sock PATH` as a subprocess, ended when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nydus_actors", "supervisor", "--sock", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                    probe.shutdown(socket.SHUT_WR)  # a fetch the supervisor answers at once
+                    break
+                except OSError:
+                    pass
+            assert proc.poll() is None, "the supervisor exited"
+            assert time.monotonic() < deadline, "the supervisor socket did not appear"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -21,36 +20,11 @@ from pathlib import Path
 import pytest
 
 from nydus_actors.rafs.builder import build
-from tests.integration.harness import is_mounted, needs_fuse
+from tests.integration.harness import is_mounted, needs_fuse, run_supervisor
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 READER = Path(__file__).with_name("reader.py")
-
-
-@contextlib.contextmanager
-def supervisor(path: Path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nydus_actors", "supervisor", "--sock", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "supervisor socket did not appear"
-            time.sleep(0.02)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @contextlib.contextmanager
@@ -128,7 +102,7 @@ def test_hot_upgrade_twenty_times_under_reads(spawn, tmp_path: Path) -> None:
     sock = tmp_path / "supervisor.sock"
     (tmp_path / "mnt").mkdir()
     common = ["--id", "d1", "--supervisor", str(sock)]
-    with supervisor(sock):
+    with run_supervisor(sock):
         old, tree, image_dir = start_first(spawn, tmp_path, common)
         files = expected_files(old.mountpoint, tree, image_dir)
         held = next(p for p in files if "/b/" in p)
@@ -162,7 +136,7 @@ def test_failover_ten_times_with_reads_in_flight(spawn, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     common = ["--id", "d1", "--supervisor", str(sock), "--failover-policy", "resend"]
     env = {"NYDUS_ACTORS_TEST_READ_DELAY": "0.05"}  # so that a kill lands on reads in flight
-    with supervisor(sock):
+    with run_supervisor(sock):
         old, tree, image_dir = start_first(spawn, tmp_path, common, env)
         assert old.request("PUT", "/api/v1/daemon/fuse/sendfd")[0] == 204
         files = expected_files(old.mountpoint, tree, image_dir)

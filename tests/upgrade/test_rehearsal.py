@@ -33,7 +33,7 @@ import pytest
 from nydus_actors import ctl
 from nydus_actors._lib.uds_http import UdsHttpClient
 from nydus_actors.upgrade import rehearsal
-from tests.integration.harness import force_unmount, is_mounted, needs_fuse, spawn  # noqa: F401
+from tests.integration.harness import force_unmount, is_mounted, needs_fuse, run_supervisor, spawn  # noqa: F401
 
 READER = Path(__file__).resolve().parents[1] / "integration" / "reader.py"
 PR_SET_CHILD_SUBREAPER = 36
@@ -143,29 +143,6 @@ def test_ctl_upgrade_of_an_unreachable_daemon_fails_at_the_check(
 
 # ---------------------------------------------------------------------------------------------------------
 # Real mounts
-
-
-@contextlib.contextmanager
-def running_supervisor(path: Path) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nydus_actors", "supervisor", "--sock", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not rehearsal.is_listening(str(path)):
-            assert proc.poll() is None, "the supervisor exited"
-            assert time.monotonic() < deadline, "the supervisor socket did not appear"
-            time.sleep(0.02)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 class Orphans:
@@ -309,7 +286,7 @@ def test_ctl_upgrade_twice_keeps_the_mount_serving(
     tree = make_tree(tmp_path)
     reader: CheckingReader | None = None
     try:
-        with running_supervisor(sup):
+        with run_supervisor(sup):
             try:
                 first = start_daemon(spawn, tmp_path, sup, tree)
                 files = digests(first.mountpoint, tree)
@@ -370,7 +347,7 @@ def test_ctl_upgrade_with_the_wrong_supervisor_changes_nothing(
 ) -> None:
     sup = tmp_path / "supervisor.sock"
     tree = make_tree(tmp_path)
-    with running_supervisor(sup):
+    with run_supervisor(sup):
         try:
             daemon = start_daemon(spawn, tmp_path, sup, tree)
             files = digests(daemon.mountpoint, tree)
@@ -401,7 +378,7 @@ def test_ctl_upgrade_kills_a_new_daemon_that_cannot_take_over(
 ) -> None:
     sup = tmp_path / "supervisor.sock"
     tree = make_tree(tmp_path)
-    with running_supervisor(sup):
+    with run_supervisor(sup):
         try:
             daemon = start_daemon(spawn, tmp_path, sup, tree)
             files = digests(daemon.mountpoint, tree)
