@@ -128,7 +128,9 @@ class BlobBackend(abc.ABC):
                     raise BackendError(f"unexpected {type(ex).__name__}: {ex}") from ex
             except BackendError as ex:
                 if not ex.temporary or attempt >= self.retry_limit:
-                    line = f"{self.backend_type} backend: failed to {what} blob {blob_id}: {ex.text}"
+                    # backends name the blob in their own texts; say it once
+                    cause = ex.text if blob_id in ex.text else f"failed to {what} blob {blob_id}: {ex.text}"
+                    line = f"{self.backend_type} backend: {cause}"
                     logger.error("%s (after %d retries)", line, attempt)
                     if self._on_failure is not None:
                         try:
