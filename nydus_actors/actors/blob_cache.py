@@ -9,7 +9,6 @@ message; only a miss reaches a backend actor (design §6).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from pykka.typing import ActorMemberMixin, proxy_method
 from nydus_actors.actors.backend import BackendPool
 from nydus_actors.config import FsConfig
 from nydus_actors.exceptions import NoCounter
+from nydus_actors.fs.rafs import blob_paths
 from nydus_actors.rafs import BlobInfo, ChunkInfo, LocalBlobSource, RafsImage
 from nydus_actors.storage.backends.factory import open_backend
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource, shared_registry
@@ -40,21 +40,6 @@ class _Mount:
     cache_metrics: BlobcacheMetrics | None
     work_dir: str | None
     prefetcher: Prefetcher | None = None
-
-
-def _localfs_files(image: RafsImage, settings: dict) -> dict[str, str]:
-    """Blob files of a localfs backend read in place (no cache): by id in dir/alt_dirs, or blob_file."""
-    files: dict[str, str] = {}
-    for blob in image.blobs:
-        for directory in [settings.get("dir", ""), *settings.get("alt_dirs", [])]:
-            candidate = os.path.join(directory, blob.blob_id) if directory and blob.blob_id else ""
-            if candidate and os.path.isfile(candidate):
-                files[blob.blob_id] = candidate
-                break
-        else:
-            if settings.get("blob_file") and len(image.blobs) == 1:
-                files[blob.blob_id] = settings["blob_file"]
-    return files
 
 
 class BlobCacheManagerActor(pykka.ThreadingActor):
@@ -83,7 +68,8 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
         caching = cache.get("type") in CACHING_TYPES
         if config.backend_type == "localfs" and not caching:
             # local blob files need no cache: read chunks in place
-            files = _localfs_files(image, config.backend())
+            paths = blob_paths(image, config)
+            files = {blob.blob_id: path for blob, path in zip(image.blobs, paths, strict=True) if path}
             source = LocalBlobSource(image, blob_files=files, validate=validate)
             self._mounts[mount_id] = _Mount(source, None, None, None, None)
             return source

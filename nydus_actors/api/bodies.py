@@ -198,4 +198,3 @@ BLOB_CACHE_ENTRY = (
     Field("config", "object", required=False),
     Field("config_v2", "object", required=False),
 )
-

@@ -21,20 +21,12 @@ from nydus_actors.fs.base import DirEntry, Filesystem, InodeAttr, StatFs
 from nydus_actors.metrics import FsIoStats, StatsFop
 from nydus_actors.models import FsType
 from nydus_actors.rafs import ChunkSource, Inode, LocalBlobSource, LocalDeviceReader, RafsImage, read_file
+from nydus_actors.storage.backends.localfs import find_blob
 
 #: The largest window a sequential stream of missed reads fetches ahead.
 MAX_WINDOW = 8 * 1024 * 1024
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
-
-
-def _find_blob(blob_id: str, backend: dict) -> str | None:
-    for directory in [backend.get("dir", ""), *backend.get("alt_dirs", [])]:
-        if directory and blob_id:
-            candidate = os.path.join(directory, blob_id)
-            if os.path.isfile(candidate):
-                return candidate
-    return None
 
 
 def blob_paths(image: RafsImage, config: FsConfig) -> list[str | None]:
@@ -45,13 +37,7 @@ def blob_paths(image: RafsImage, config: FsConfig) -> list[str | None]:
     if config.backend_type != "localfs":
         raise Unsupported  # remote backends and the blob cache are not built yet
     backend = config.backend()
-    paths: list[str | None] = []
-    for blob in image.blobs:
-        path = _find_blob(blob.blob_id, backend)
-        if path is None and backend.get("blob_file") and len(image.blobs) == 1:
-            path = backend["blob_file"]
-        paths.append(path)
-    return paths
+    return [find_blob(backend, blob.blob_id) for blob in image.blobs]
 
 
 class _Counted:

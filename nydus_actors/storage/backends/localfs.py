@@ -25,6 +25,24 @@ def check_blob_id(blob_id: str) -> None:
         raise BackendError(f"failed to look up blob {blob_id!r}: not a plain blob id")
 
 
+def blob_candidates(settings: dict, blob_id: str) -> list[str]:
+    """Where a `localfs` backend looks: `blob_file` for any id, else `<dir>/<id>`, then `alt_dirs`."""
+    if settings.get("blob_file"):
+        return [str(settings["blob_file"])]
+    dirs = [d for d in [settings.get("dir") or "", *settings.get("alt_dirs", [])] if d]
+    return [os.path.join(d, blob_id) for d in dirs]
+
+
+def find_blob(settings: dict, blob_id: str) -> str | None:
+    """The first existing file a `localfs` backend would read for `blob_id`, or None."""
+    if not settings.get("blob_file"):
+        try:
+            check_blob_id(blob_id)
+        except BackendError:
+            return None
+    return next((path for path in blob_candidates(settings, blob_id) if os.path.isfile(path)), None)
+
+
 class LocalfsBackend(BlobBackend):
     """Reads blobs from local files; one file descriptor per blob is opened once and kept.
 
@@ -40,16 +58,13 @@ class LocalfsBackend(BlobBackend):
         self, backend_id: str, settings: dict, *, on_failure: Callable[[str], None] | None = None
     ) -> None:
         super().__init__(backend_id, retry_limit=int(settings.get("retry_limit", 0)), on_failure=on_failure)
-        self._blob_file = str(settings.get("blob_file") or "")
-        self._dirs = [d for d in [settings.get("dir") or "", *settings.get("alt_dirs", [])] if d]
+        self._settings = settings
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        logger.debug("localfs backend %s reads blobs from %s", backend_id, self._blob_file or self._dirs)
+        logger.debug("localfs backend %s reads blobs from %s", backend_id, blob_candidates(settings, "<id>"))
 
     def _candidates(self, blob_id: str) -> list[str]:
-        if self._blob_file:
-            return [self._blob_file]
-        return [os.path.join(d, blob_id) for d in self._dirs]
+        return blob_candidates(self._settings, blob_id)
 
     def _fd(self, blob_id: str) -> int:
         check_blob_id(blob_id)
