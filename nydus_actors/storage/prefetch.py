@@ -24,11 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from nydus_actors.exceptions import NydusError
 from nydus_actors.rafs import ChunkInfo, RafsImage
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource
+from nydus_actors.storage.cache.source import close_runs
 
 logger = logging.getLogger(__name__)
-
-#: Gap between two chunks that a merged request may read and throw away.
-MAX_GAP = 128 * 1024
 
 
 def files_to_nids(image: RafsImage, paths: Sequence[str]) -> list[int]:
@@ -87,22 +85,7 @@ def chunks_of(image: RafsImage, nids: Sequence[int]) -> list[ChunkInfo]:
 
 def batches(chunks: Sequence[ChunkInfo], batch_size: int) -> list[list[ChunkInfo]]:
     """Group chunks of one blob that lie close together into requests of at most `batch_size`."""
-    out: list[list[ChunkInfo]] = []
-    for chunk in chunks:
-        last = out[-1] if out else None
-        if last is not None:
-            first, tail = last[0], last[-1]
-            end = chunk.compressed_offset + chunk.compressed_size
-            tail_end = tail.compressed_offset + tail.compressed_size
-            if (
-                chunk.blob_index == first.blob_index
-                and 0 <= chunk.compressed_offset - tail_end <= MAX_GAP
-                and end - first.compressed_offset <= batch_size
-            ):
-                last.append(chunk)
-                continue
-        out.append([chunk])
-    return out
+    return close_runs(chunks, lambda chunk: chunk, batch_size)
 
 
 class Prefetcher:

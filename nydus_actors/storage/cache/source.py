@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from nydus_actors.exceptions import NydusError
 from nydus_actors.rafs.blob import chunk_digest, decompress
@@ -25,6 +25,8 @@ from nydus_actors.storage.cache.blob_file import DATA_SUFFIX, MAP_SUFFIX, Cached
 from nydus_actors.storage.cache.metrics import BlobcacheMetrics
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Fetch = Callable[[BlobInfo, ChunkInfo], bytes]
 
@@ -327,7 +329,7 @@ class CachedChunkSource:
                 owned.append((cached, chunk, future))
         written = []
         try:
-            for run in _contiguous(owned):
+            for run in close_runs(owned, lambda item: item[1]):
                 first, last = run[0][1], run[-1][1]
                 blob = self._blobs[first.blob_index]
                 start = first.compressed_offset
@@ -400,15 +402,30 @@ class CachedChunkSource:
         self.close()
 
 
-def _contiguous(owned: list) -> list[list]:
-    """Split claimed chunks where a gap or another blob breaks the run (each run is one fetch)."""
-    runs: list[list] = []
-    for item in owned:
-        chunk = item[1]
+#: Gap between two chunks that one merged request may read and throw away.
+MAX_GAP = 128 * 1024
+
+
+def close_runs(
+    items: Sequence[T], chunk_of: Callable[[T], ChunkInfo], max_span: int | None = None
+) -> list[list[T]]:
+    """Group items whose chunks lie close together in one blob; each group is one backend request.
+
+    `items` are in blob order. A group breaks at another blob, at a gap over
+    `MAX_GAP`, and where it would span more than `max_span` bytes.
+    """
+    runs: list[list[T]] = []
+    for item in items:
+        chunk = chunk_of(item)
         if runs:
-            last = runs[-1][-1][1]
-            end = last.compressed_offset + last.compressed_size
-            if chunk.blob_index == last.blob_index and 0 <= chunk.compressed_offset - end <= 128 * 1024:
+            first, last = chunk_of(runs[-1][0]), chunk_of(runs[-1][-1])
+            gap = chunk.compressed_offset - (last.compressed_offset + last.compressed_size)
+            span = chunk.compressed_offset + chunk.compressed_size - first.compressed_offset
+            if (
+                chunk.blob_index == last.blob_index
+                and 0 <= gap <= MAX_GAP
+                and (max_span is None or span <= max_span)
+            ):
                 runs[-1].append(item)
                 continue
         runs.append([item])
