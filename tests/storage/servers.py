@@ -157,12 +157,7 @@ class Registry:
 
     def settings(self, repo: str, **raw: object) -> dict:
         """Registry backend settings as the daemon's config normalizes them."""
-        section = _backend_section(
-            "registry", {"scheme": self.scheme, "host": self.host, "repo": repo, **raw}
-        )
-        if "ca_cert_files" in raw:  # read by nydusd but not kept by the normalizer
-            section["ca_cert_files"] = raw["ca_cert_files"]
-        return section
+        return _backend_section("registry", {"scheme": self.scheme, "host": self.host, "repo": repo, **raw})
 
     def _context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None

@@ -32,7 +32,6 @@ from nydus_actors.exceptions import Unsupported
 from nydus_actors.metrics import size_index
 from nydus_actors.storage.backends.base import BackendError, BlobBackend
 from nydus_actors.storage.backends.factory import open_backend
-from nydus_actors.storage.backends.http_proxy import HttpProxyBackend
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 BLOB_A = "a1" * 32  # 64 hex digits, like a real blob id
@@ -632,8 +631,7 @@ def test_http_proxy_over_tls_verifies_the_server(tmp_path: Path) -> None:
     try:
         server.start()
         addr = f"https://127.0.0.1:{server.port}"
-        # Built directly: config.py's `_backend_section` does not keep `ca_cert_files` (yet).
-        trusting = HttpProxyBackend("/contract", {"addr": addr, "ca_cert_files": [str(cert)]})
+        trusting = make_backend("http-proxy", {"addr": addr, "ca_cert_files": [str(cert)]})
         assert trusting.read_range(BLOB_A, 7, 70) == BLOBS[BLOB_A][7:77]
         insecure = make_backend("http-proxy", {"addr": addr, "skip_verify": True})
         assert insecure.blob_size(BLOB_B) == len(BLOBS[BLOB_B])
