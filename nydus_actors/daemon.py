@@ -24,7 +24,7 @@ from nydus_actors._lib import logs, sdnotify
 from nydus_actors.actors.api_server import ApiServerActor
 from nydus_actors.actors.blob_cache import BlobCacheManagerActor
 from nydus_actors.actors.daemon import DaemonActor, DaemonProxy, DaemonSettings
-from nydus_actors.actors.fuse_session import FuseSessionActor
+from nydus_actors.actors.fuse_session import start_fuse_session
 from nydus_actors.exceptions import NydusError
 from nydus_actors.fs import kernel
 from nydus_actors.lifecycle import Lifecycle, ShutdownReason
@@ -181,11 +181,11 @@ def run(options: DaemonOptions) -> int:
     code = 0
     try:
         daemon_box: list[DaemonProxy] = []
-        fuse = FuseSessionActor.start(
+        fuse = start_fuse_session(
             options.mountpoint,
             threads=options.fuse_threads,
             on_session_ended=lambda: daemon_box[0].fuse_session_ended() if daemon_box else None,
-        ).proxy()
+        )
         cache = BlobCacheManagerActor.start(
             on_event=lambda line: daemon_box[0].record_event(line) if daemon_box else None
         ).proxy()
