@@ -25,7 +25,8 @@ from nydus_actors.storage.backends.factory import open_backend
 from nydus_actors.storage.cache import BlobcacheMetrics, CachedChunkSource, shared_registry
 from nydus_actors.storage.direct import DirectChunkSource
 from nydus_actors.storage.objects import BlobObjects, EinvalError
-from nydus_actors.storage.prefetch import AmplifiedSource, Prefetcher, chunks_of, files_to_nids, table_nids
+from nydus_actors.storage.prefetch import Prefetcher, chunks_of, files_to_nids, table_nids
+from nydus_actors.storage.readahead import ReadAheadSource
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
                 prefetcher = _prefetcher(
                     mount_id, image, config, source, pool, files=prefetch_files, metrics=metrics
                 )
-                source = AmplifiedSource(image, source, pool.read_range)
+                source = ReadAheadSource(
+                    image, source, pool.read_range, first_window=int(config.rafs["batch_size"])
+                )
                 mount = _Mount(source, pool, config.id or mount_id, metrics, work_dir, prefetcher)
                 self._mounts[mount_id] = mount
                 if mount.prefetcher is not None:

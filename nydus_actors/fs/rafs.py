@@ -23,9 +23,6 @@ from nydus_actors.models import FsType
 from nydus_actors.rafs import ChunkSource, Inode, LocalBlobSource, LocalDeviceReader, RafsImage, read_file
 from nydus_actors.storage.backends.localfs import find_blob
 
-#: The largest window a sequential stream of missed reads fetches ahead.
-MAX_WINDOW = 8 * 1024 * 1024
-
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 
@@ -83,10 +80,9 @@ class RafsFs(Filesystem):
         self._source = source
         self._devices: LocalDeviceReader | None = None
         self._cached = getattr(source, "read_extents_cached", None)
-        self._fill_window = getattr(source, "fill_window", None)
-        self._batch = max(int(config.rafs["batch_size"]), 0)
-        # per inode: where the last missed read ended and the window it used
-        self._streams: dict[int, tuple[int, int]] = {}
+        # read-ahead hooks of a cached remote source (storage/readahead.py)
+        self._note_read = getattr(source, "note_read", None)
+        self._fill_miss = getattr(source, "fill_miss", None)
         self._extents_reader = getattr(source, "read_extents", None)
         # local blob files never wait on the network: read them in the FUSE loop
         self._local = isinstance(source, LocalBlobSource)
@@ -173,6 +169,8 @@ class RafsFs(Filesystem):
             return self.read(ino, off, size)
         if self._cached is None:
             return None
+        if self._note_read is not None:
+            self._note_read(ino, off, size)
         with _Counted(self.stats, StatsFop.READ, ino) as op:
             try:
                 data = self._cached(self.image.chunk_extents(ino, off, size))
@@ -185,26 +183,9 @@ class RafsFs(Filesystem):
             op.size = len(data)
             return data
 
-    def _amplify(self, ino: int, off: int, size: int) -> None:
-        """Before a missed read, fetch the file's next window in merged requests.
-
-        The window starts at `rafs.batch_size` (nydusd's `amplify_io`) and doubles,
-        up to `MAX_WINDOW`, while misses of the file follow one another, like the
-        kernel's own read-ahead.
-        """
-        last = self._streams.get(ino)
-        window = max(size, self._batch)
-        sequential = last is not None and last[0] == off
-        if sequential:
-            window = min(max(window, last[1] * 2), MAX_WINDOW)
-        if len(self._streams) > 4096:
-            self._streams.clear()
-        self._streams[ino] = (off + window, window)
-        self._fill_window(ino, off, window, ahead=sequential)
-
     def read(self, ino: int, off: int, size: int) -> bytes:
-        if self._fill_window is not None:
-            self._amplify(ino, off, size)
+        if self._fill_miss is not None:
+            self._fill_miss(ino, off, size)
         with _Counted(self.stats, StatsFop.READ, ino) as op:
             try:
                 if self._extents_reader is not None:

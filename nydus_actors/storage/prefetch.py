@@ -12,14 +12,12 @@ token bucket keeps it under `bandwidth_limit`. `stop()` ends it between requests
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from nydus_actors.exceptions import NydusError
 from nydus_actors.rafs import ChunkInfo, RafsImage
@@ -200,58 +198,3 @@ class Prefetcher:
 
 def _span(chunks: Sequence[ChunkInfo]) -> int:
     return chunks[-1].compressed_offset + chunks[-1].compressed_size - chunks[0].compressed_offset
-
-
-class AmplifiedSource:
-    """A cached chunk source whose misses fetch a whole window of the file in few requests.
-
-    A FUSE read that misses is at most 1 MiB, and a registry answers 1 MiB range
-    requests several times slower per byte than 4 MiB ones; so before such a
-    read, the chunks of the file's next `window` bytes that are not cached are
-    fetched in merged requests (the same path as prefetch). Everything else is
-    the wrapped source's.
-    """
-
-    def __init__(
-        self, image: RafsImage, source: CachedChunkSource, read_raw: Callable[[str, int, int], bytes]
-    ) -> None:
-        self._image = image
-        self._source = source
-        self._read_raw = read_raw
-        # The window after a sequential one is fetched here while the reader uses this one.
-        self._ahead = ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-ahead")
-        self._closed = False
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._source, name)
-
-    def close(self) -> None:
-        """Stop the read-ahead threads, then close the wrapped source."""
-        self._closed = True
-        self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._source.close()
-
-    def fill_window(self, nid: int, off: int, length: int, *, ahead: bool = False) -> None:
-        """Fill `[off, off + length)` now and, with `ahead`, the next window in the background."""
-        self._fill(nid, off, length)
-        if ahead and not self._closed:
-            with contextlib.suppress(RuntimeError):  # closing: the mount is going away
-                self._ahead.submit(self._fill, nid, off + length, length)
-
-    def _fill(self, nid: int, off: int, length: int) -> None:
-        """Bring the chunks of `[off, off + length)` of file `nid` into the cache; errors are the read's."""
-        extents = self._image.chunk_extents(nid, off, length)
-        chunks = {
-            (e.chunk.blob_index, e.chunk.compressed_offset): e.chunk
-            for e in extents
-            if e.chunk is not None and not self._source.is_ready(e.chunk)
-        }
-        ordered = [chunks[key] for key in sorted(chunks)]
-        if len(ordered) < 2:
-            return  # a single chunk is fetched by the read itself
-        for batch in batches(ordered, max(length, 1)):
-            try:
-                self._source.fill_many(batch, self._read_raw)
-            except NydusError as ex:
-                logger.debug("read amplification of inode %d failed: %s", nid, ex)
-                return

@@ -64,6 +64,7 @@ class CachedBlob:
         self.map_path = map_path(work_dir, blob.blob_id)
         self._inflight: dict[int, Future[FillResult]] = {}
         self._inflight_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         try:
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as ex:
@@ -134,9 +135,10 @@ class CachedBlob:
             return False
         view = memoryview(data)
         offset = chunk.uncompressed_offset
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        with self._write_lock:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
         return True
 
     def sync(self) -> None:
