@@ -65,6 +65,11 @@ class CachedBlob:
         self._inflight: dict[int, Future[FillResult]] = {}
         self._inflight_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        # Chunks whose cached bytes passed a digest check in this process (one bit each). A
+        # validating image checks the others on their first hit: another image, or another
+        # daemon, may have filled them without checking.
+        self._verified = bytearray((chunk_count + 7) // 8)
+        self._verified_lock = threading.Lock()
         try:
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as ex:
@@ -100,6 +105,15 @@ class CachedBlob:
         """Whether `chunk` is in the cache file."""
         return 0 <= chunk.index < self.chunk_count and self.map.is_ready(chunk.index)
 
+    def is_verified(self, chunk: ChunkInfo) -> bool:
+        """Whether the cached bytes of `chunk` passed a digest check since this process opened them."""
+        return bool(self._verified[chunk.index >> 3] & (1 << (chunk.index & 7)))
+
+    def mark_verified(self, chunk: ChunkInfo) -> None:
+        """Record that the cached bytes of a ready `chunk` match its digest."""
+        with self._verified_lock:  # a read-modify-write of one byte shared with other chunks
+            self._verified[chunk.index >> 3] |= 1 << (chunk.index & 7)
+
     def read(self, chunk: ChunkInfo, skip: int, length: int) -> bytes | None:
         """Return `length` cached bytes of `chunk` from `skip`, or None if the chunk is not ready."""
         if not self.is_ready(chunk):
@@ -109,21 +123,22 @@ class CachedBlob:
             raise RafsError(f"short read of chunk {chunk.index} from cache file {self.data_path}")
         return data
 
-    def store(self, chunk: ChunkInfo, data: bytes) -> bool:
+    def store(self, chunk: ChunkInfo, data: bytes, *, replace: bool = False) -> bool:
         """Write the uncompressed `data` of `chunk`, make it durable, then mark it ready.
 
         Returns False if the chunk was ready already. Raises OSError when the cache file
         cannot be written; the chunk then stays not ready.
         """
-        if not self.write(chunk, data):
+        if not self.write(chunk, data, replace=replace):
             return False
         self.sync()
         return self.map.mark_ready(chunk.index)
 
-    def write(self, chunk: ChunkInfo, data: bytes) -> bool:
+    def write(self, chunk: ChunkInfo, data: bytes, *, replace: bool = False) -> bool:
         """Write a chunk's bytes without marking it; False if it is ready already.
 
         Several writes may share one `sync()` before their `mark_ready` calls.
+        `replace` writes over a ready chunk whose cached bytes failed their digest check.
         """
         self.check(chunk)
         if len(data) != chunk.uncompressed_size:
@@ -131,7 +146,7 @@ class CachedBlob:
                 f"chunk {chunk.index} of blob {self.blob_id} is {len(data)} bytes, "
                 f"expected {chunk.uncompressed_size}"
             )
-        if self.map.is_ready(chunk.index):
+        if self.map.is_ready(chunk.index) and not replace:
             return False
         view = memoryview(data)
         offset = chunk.uncompressed_offset

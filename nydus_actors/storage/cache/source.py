@@ -220,7 +220,10 @@ class CachedChunkSource:
             chunk = extent.chunk
             if extent.skip < 0 or extent.length < 0 or extent.skip + extent.length > chunk.uncompressed_size:
                 return None  # let the full path report it
-            data = self._cache_of(chunk).read(chunk, extent.skip, extent.length)
+            cached = self._cache_of(chunk)
+            if self._validate and not cached.is_verified(chunk):
+                return None  # its digest check is a worker thread's job
+            data = cached.read(chunk, extent.skip, extent.length)
             if data is None:
                 return None
             chunks += 1
@@ -235,16 +238,41 @@ class CachedChunkSource:
                 f"{chunk.uncompressed_size} bytes"
             )
         cached = self._cache_of(chunk)
-        data = cached.read(chunk, skip, length)
-        if data is not None:
-            return data, True
-        data = self._fill(cached, chunk)
+        replace = False
+        if self._validate and not cached.is_verified(chunk):
+            # Cached bytes this process has not checked yet are checked whole, once.
+            whole = cached.read(chunk, 0, chunk.uncompressed_size)
+            if whole is not None and self._cached_bytes_match(cached, chunk, whole):
+                return whole[skip : skip + length], True
+            replace = whole is not None
+        else:
+            data = cached.read(chunk, skip, length)
+            if data is not None:
+                return data, True
+        data = self._fill(cached, chunk, replace=replace)
         if skip or length != len(data):
             data = data[skip : skip + length]
         return data, False
 
-    def _fill(self, cached: CachedBlob, chunk: ChunkInfo) -> bytes:
-        """Bring a missing chunk into the cache, or wait for the fill already under way."""
+    def _cached_bytes_match(self, cached: CachedBlob, chunk: ChunkInfo, data: bytes) -> bool:
+        """Check cached bytes against the chunk's digest; a mismatch is logged, for a fetch to replace."""
+        blob = self._blobs[chunk.blob_index]
+        if chunk_digest(data, blob.digester) == chunk.digest:
+            cached.mark_verified(chunk)
+            return True
+        logger.warning(
+            "chunk %d of blob %s: cached bytes fail the %s digest check, fetching it again",
+            chunk.index,
+            blob.blob_id,
+            blob.digester,
+        )
+        return False
+
+    def _fill(self, cached: CachedBlob, chunk: ChunkInfo, *, replace: bool = False) -> bytes:
+        """Bring a missing chunk into the cache, or wait for the fill already under way.
+
+        `replace` fetches a ready chunk whose cached bytes failed their digest check.
+        """
         blob = self._blobs[chunk.blob_index]
         future, owner = cached.begin_fill(chunk)
         if not owner:
@@ -255,8 +283,19 @@ class CachedChunkSource:
             return data
         try:
             # A fill that ended between our miss and begin_fill has already stored the chunk.
-            data = cached.read(chunk, 0, chunk.uncompressed_size)
-            result: FillResult = (data, True) if data is not None else self._load(cached, blob, chunk)
+            data = None if replace else cached.read(chunk, 0, chunk.uncompressed_size)
+            if (
+                data is not None
+                and self._validate
+                and not cached.is_verified(chunk)
+                and not self._cached_bytes_match(cached, chunk, data)
+            ):
+                data, replace = None, True
+            result: FillResult
+            if data is not None:
+                result = (data, cached.is_verified(chunk))
+            else:
+                result = self._load(cached, blob, chunk, replace=replace)
         except BaseException as ex:
             future.set_exception(ex)
             raise
@@ -270,23 +309,23 @@ class CachedChunkSource:
         """Tell whether a chunk is in the cache."""
         return self._cache_of(chunk).is_ready(chunk)
 
-    def _load(
-        self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo, raw: bytes | None = None
-    ) -> FillResult:
-        """Fetch (unless `raw` is given), decode, check and store one chunk."""
+    def _load(self, cached: CachedBlob, blob: BlobInfo, chunk: ChunkInfo, *, replace: bool) -> FillResult:
+        """Fetch, decode, check and store one chunk (over its cached bytes with `replace`)."""
         where = f"chunk {chunk.index} of blob {blob.blob_id}"
         _precheck(where, chunk)
         cached.check(chunk)
-        if raw is None:
-            try:
-                raw = self._fetch(blob, chunk)
-            except NydusError:
-                raise
-            except Exception as ex:
-                raise RafsError(f"failed to fetch {where}: {ex}") from ex
+        try:
+            raw = self._fetch(blob, chunk)
+        except NydusError:
+            raise
+        except Exception as ex:
+            raise RafsError(f"failed to fetch {where}: {ex}") from ex
         data = self._decode(blob, chunk, raw)
         try:
-            if cached.store(chunk, data):
+            stored = cached.store(chunk, data, replace=replace)
+            if self._validate and (stored or replace):
+                cached.mark_verified(chunk)  # the bytes just written are the checked ones
+            if stored:
                 self.refresh_metrics()
         except OSError as ex:
             # The bytes are good; only keeping them failed. The read is served and the next
@@ -342,15 +381,17 @@ class CachedChunkSource:
                         cached.check(chunk)
                         offset = chunk.compressed_offset - start
                         data = self._decode(blob, chunk, raw[offset : offset + chunk.compressed_size])
-                        cached.write(chunk, data)
+                        ours = cached.write(chunk, data)
                     except RafsError as ex:
                         future.set_exception(ex)
                         continue
-                    written.append((cached, chunk, data, future))
+                    written.append((cached, chunk, data, future, ours))
             for cached in {id(c): c for c, *_ in written}.values():
                 cached.sync()
-            for cached, chunk, data, future in written:
+            for cached, chunk, data, future, ours in written:
                 cached.mark_ready(chunk)
+                if ours and self._validate:
+                    cached.mark_verified(chunk)
                 future.set_result((data, self._validate))
         except BaseException as ex:
             for _, _, future in owned:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nydus_actors.rafs import LocalBlobSource, RafsError, RafsImage, read_file
+from nydus_actors.rafs.chunks import ChunkExtent
 from nydus_actors.storage.backends.base import BackendError
 from nydus_actors.storage.cache import BlobCacheRegistry, CachedBlob, CachedChunkSource, shared_registry
 from nydus_actors.storage.cache.blob_file import data_path, map_path
@@ -163,6 +164,47 @@ def test_without_validate_a_damaged_raw_chunk_is_served(built: Built, registry, 
         assert source.read_chunk(chunk) != built.expected[chunk.index]
 
 
+def test_a_validating_source_checks_what_a_non_validating_one_cached(built: Built, registry, fetcher) -> None:
+    chunk = next(c for c in built.chunks if not c.compressed and c.uncompressed_size > 1000)
+    extent = ChunkExtent(chunk, 0, chunk.uncompressed_size)
+    fetcher.damage[chunk.index] = 1
+    with (
+        make_source(built, registry, fetcher, validate=False) as trusting,
+        make_source(built, registry, fetcher, validate=True) as checking,
+    ):
+        assert trusting.read_chunk(chunk) != built.expected[chunk.index]  # damaged bytes now cached
+        # The FUSE loop leaves an unchecked chunk to a worker thread, which checks it and fetches it again.
+        assert checking.read_extents_cached([extent]) is None
+        assert checking.read_extents([extent]) == built.expected[chunk.index]
+        assert fetcher.calls[chunk.index] == 2
+        # The good bytes replaced the bad ones for every image, and are checked now.
+        assert trusting.read_chunk(chunk) == built.expected[chunk.index]
+        assert checking.read_extents_cached([extent]) == built.expected[chunk.index]
+        assert checking.read_range(chunk, 10, 20) == built.expected[chunk.index][10:30]
+        assert fetcher.calls[chunk.index] == 2
+
+
+def test_cached_bytes_damaged_between_daemons_are_fetched_again(
+    built: Built, tmp_path: Path, fetcher
+) -> None:
+    work = str(tmp_path / "cache")
+    chunk = built.chunks[1]
+    with make_source(built, BlobCacheRegistry(work), fetcher) as source:
+        assert source.read_chunk(chunk) == built.expected[chunk.index]
+    with open(data_path(work, built.blob.blob_id), "r+b") as f:
+        f.seek(chunk.uncompressed_offset + 7)
+        f.write(b"\xde\xad")
+    # A new registry is what a new daemon opens: the bit is still set, the bytes are not checked.
+    with make_source(built, BlobCacheRegistry(work), fetcher, validate=False) as trusting:
+        assert trusting.read_chunk(chunk) != built.expected[chunk.index]
+    with make_source(built, BlobCacheRegistry(work), fetcher) as checking:
+        assert checking.read_range(chunk, 0, 100) == built.expected[chunk.index][:100]
+        assert fetcher.calls[chunk.index] == 2
+        assert checking.metrics.entries_count == 1
+    with make_source(built, BlobCacheRegistry(work), fetcher, validate=False) as trusting:
+        assert trusting.read_chunk(chunk) == built.expected[chunk.index]
+
+
 def test_fetch_errors_pass_through_and_are_not_cached(built: Built, registry, fetcher) -> None:
     chunk = built.chunks[0]
     lines: list[str] = []
@@ -183,7 +225,7 @@ def test_a_failed_cache_write_still_serves_the_read(built: Built, registry, fetc
     chunk = built.chunks[0]
     lines: list[str] = []
 
-    def full_disk(self: CachedBlob, chunk, data) -> bool:
+    def full_disk(self: CachedBlob, chunk, data, *, replace: bool = False) -> bool:
         raise OSError(28, "No space left on device")
 
     with make_source(built, registry, fetcher, on_error=lines.append) as source:
