@@ -96,8 +96,14 @@ class BlobCacheManagerActor(pykka.ThreadingActor):
                 prefetcher = _prefetcher(
                     mount_id, image, config, source, pool, files=prefetch_files, metrics=metrics
                 )
+                # Read-ahead calls the backend itself, like prefetch, so that it never
+                # queues in front of a miss in the backend actors.
                 source = ReadAheadSource(
-                    image, source, pool.read_range, first_window=int(config.rafs["batch_size"])
+                    image,
+                    source,
+                    pool.read_range,
+                    read_ahead_raw=pool.backend.read_range,
+                    first_window=int(config.rafs["batch_size"]),
                 )
                 mount = _Mount(source, pool, config.id or mount_id, metrics, work_dir, prefetcher)
                 self._mounts[mount_id] = mount

@@ -12,7 +12,9 @@ read-ahead:
   doubles with each window up to `MAX_WINDOW`.
 
 Without the second part a reader would catch up with each window as it is
-fetched and wait for every one of them in turn.
+fetched and wait for every one of them in turn. Read-ahead has its own way to
+the backend (the mount's backend itself, as prefetch does), so that it never
+queues in front of a miss.
 """
 
 from __future__ import annotations
@@ -71,12 +73,17 @@ class ReadAheadSource:
         read_raw: Callable[[str, int, int], bytes],
         *,
         first_window: int,
+        read_ahead_raw: Callable[[str, int, int], bytes] | None = None,
         ahead: Executor | None = None,
     ) -> None:
-        """Read ahead in `ahead`, by default `DEPTH` threads of this source's own."""
+        """Misses fetch through `read_raw`; read-ahead through `read_ahead_raw` (default the same).
+
+        Read-ahead runs in `ahead`, by default `DEPTH` threads of this source's own.
+        """
         self._image = image
         self._source = source
         self._read_raw = read_raw
+        self._read_ahead_raw = read_ahead_raw or read_raw
         self._first = max(first_window, 1)
         self._lock = threading.Lock()
         self._streams: dict[int, _Stream] = {}
@@ -119,7 +126,7 @@ class ReadAheadSource:
             if self._closed:
                 return
             with contextlib.suppress(RuntimeError):  # closing: the mount is going away
-                self._ahead.submit(self._fill, nid, start, length)
+                self._ahead.submit(self._fill, nid, start, length, self._read_ahead_raw)
 
     def fill_miss(self, nid: int, off: int, size: int) -> None:
         """Before a missed read is served: fetch its window of the file in merged requests."""
@@ -130,9 +137,9 @@ class ReadAheadSource:
                 stream.frontier = max(stream.frontier, off + window)
             else:
                 window = max(size, self._first)
-        self._fill(nid, off, window)
+        self._fill(nid, off, window, self._read_raw)
 
-    def _fill(self, nid: int, off: int, length: int) -> None:
+    def _fill(self, nid: int, off: int, length: int, read_raw: Callable[[str, int, int], bytes]) -> None:
         """Bring the chunks of `[off, off + length)` of file `nid` into the cache; errors are the read's."""
         extents = self._image.chunk_extents(nid, off, length)
         chunks = {
@@ -145,7 +152,7 @@ class ReadAheadSource:
             return  # a single chunk is fetched by the read itself
         for batch in close_runs(ordered, lambda chunk: chunk, max(length, 1)):
             try:
-                self._source.fill_many(batch, self._read_raw)
+                self._source.fill_many(batch, read_raw)
             except NydusError as ex:
                 logger.debug("read-ahead of inode %d failed: %s", nid, ex)
                 return

@@ -128,6 +128,28 @@ def test_sequential_reads_keep_doubling_windows_ahead_up_to_the_end(mount: Mount
     assert mount.ready_until() == SIZE
 
 
+def test_read_ahead_has_its_own_way_to_the_backend(mount: Mount) -> None:
+    ahead: list[tuple[int, int]] = []
+
+    def read_ahead_raw(blob_id: str, offset: int, size: int) -> bytes:
+        ahead.append((offset, size))
+        return mount.blob.raw[offset : offset + size]
+
+    source = ReadAheadSource(
+        mount.image,
+        mount.cache,
+        mount.blob.read_raw,
+        first_window=512 * KIB,
+        read_ahead_raw=read_ahead_raw,
+        ahead=Inline(),
+    )
+    source.note_read(mount.nid, 0, 64 * KIB)
+    source.fill_miss(mount.nid, 0, 64 * KIB)
+    source.note_read(mount.nid, 64 * KIB, 64 * KIB)
+    assert mount.blob.requests == [(0, 512 * KIB)]  # the miss: through the backend actors
+    assert ahead == [(512 * KIB, 512 * KIB), (MIB, MIB)]  # read-ahead: never queued behind misses
+
+
 def test_a_failed_read_ahead_is_left_to_the_reads(mount: Mount) -> None:
     source = read_ahead(mount, 512 * KIB, Inline())
     source.note_read(mount.nid, 0, 64 * KIB)
