@@ -238,21 +238,15 @@ class CachedChunkSource:
                 f"{chunk.uncompressed_size} bytes"
             )
         cached = self._cache_of(chunk)
-        replace = False
-        if self._validate and not cached.is_verified(chunk):
-            # Cached bytes this process has not checked yet are checked whole, once.
-            whole = cached.read(chunk, 0, chunk.uncompressed_size)
-            if whole is not None and self._cached_bytes_match(cached, chunk, whole):
-                return whole[skip : skip + length], True
-            replace = whole is not None
-        else:
+        # A validating image checks cached bytes it has not checked yet whole, in `_fill`.
+        if not self._validate or cached.is_verified(chunk):
             data = cached.read(chunk, skip, length)
             if data is not None:
                 return data, True
-        data = self._fill(cached, chunk, replace=replace)
+        data, hit = self._fill(cached, chunk)
         if skip or length != len(data):
             data = data[skip : skip + length]
-        return data, False
+        return data, hit
 
     def _cached_bytes_match(self, cached: CachedBlob, chunk: ChunkInfo, data: bytes) -> bool:
         """Check cached bytes against the chunk's digest; a mismatch is logged, for a fetch to replace."""
@@ -268,10 +262,11 @@ class CachedChunkSource:
         )
         return False
 
-    def _fill(self, cached: CachedBlob, chunk: ChunkInfo, *, replace: bool = False) -> bytes:
-        """Bring a missing chunk into the cache, or wait for the fill already under way.
+    def _fill(self, cached: CachedBlob, chunk: ChunkInfo) -> tuple[bytes, bool]:
+        """Bring a chunk into the cache, or wait for the fill already under way: (bytes, cache hit).
 
-        `replace` fetches a ready chunk whose cached bytes failed their digest check.
+        A ready chunk comes here only unchecked, for a validating image: its cached
+        bytes are checked, and fetched again over the bad ones if they fail.
         """
         blob = self._blobs[chunk.blob_index]
         future, owner = cached.begin_fill(chunk)
@@ -280,17 +275,18 @@ class CachedChunkSource:
             # The fill may belong to an image that does not validate.
             if self._validate and not verified:
                 self._verify(blob, chunk, data)
-            return data
+            return data, False
         try:
-            # A fill that ended between our miss and begin_fill has already stored the chunk.
-            data = None if replace else cached.read(chunk, 0, chunk.uncompressed_size)
+            # Also a fill that ended between our miss and begin_fill has stored the chunk.
+            data = cached.read(chunk, 0, chunk.uncompressed_size)
+            replace = data is not None
             if (
                 data is not None
                 and self._validate
                 and not cached.is_verified(chunk)
                 and not self._cached_bytes_match(cached, chunk, data)
             ):
-                data, replace = None, True
+                data = None
             result: FillResult
             if data is not None:
                 result = (data, cached.is_verified(chunk))
@@ -303,7 +299,7 @@ class CachedChunkSource:
             future.set_result(result)
         finally:
             cached.end_fill(chunk, future)
-        return result[0]
+        return result[0], data is not None
 
     def is_ready(self, chunk: ChunkInfo) -> bool:
         """Tell whether a chunk is in the cache."""
